@@ -1,0 +1,38 @@
+"""jax_bptt: recurrent networks trained by backpropagation through time, in pure JAX.
+
+The recurrence is a ``lax.scan``; ``jax.grad`` through it is automatic BPTT; a hand-written reverse
+scan gives the same gradients explicitly. See the README for a tour.
+"""
+
+from jax_bptt.bptt import Gradients, bptt_auto, bptt_manual, model_loss
+from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell, step
+from jax_bptt.check import GradientReport, check_gradients, compare_gradients
+from jax_bptt.losses import sequence_loss, sequence_loss_grad
+from jax_bptt.model import init_model, readout
+from jax_bptt.modes import BPTT_MODES, bptt
+from jax_bptt.unroll import unroll
+
+__all__ = [
+    "BPTT_MODES",
+    "CELLS",
+    "ELMAN_RELU",
+    "ELMAN_TANH",
+    "GRU",
+    "LSTM",
+    "Cell",
+    "GradientReport",
+    "Gradients",
+    "bptt",
+    "bptt_auto",
+    "bptt_manual",
+    "check_gradients",
+    "compare_gradients",
+    "get_cell",
+    "init_model",
+    "model_loss",
+    "readout",
+    "sequence_loss",
+    "sequence_loss_grad",
+    "step",
+    "unroll",
+]

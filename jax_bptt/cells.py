@@ -1,0 +1,329 @@
+"""Recurrent cells: each one's forward step and its hand-derived backward step, side by side.
+
+Dimension legend used throughout the package:
+    t  time steps (T)          b  batch (B)
+    d  input features (D)      h  hidden units (H)
+    g  gate units (G * H: 1 for Elman, 4 for LSTM, 3 for GRU)
+    o  readout outputs (O)
+
+Every cell splits one time step into two GEMMs and a pointwise part:
+
+    xp_t = x_t @ W_xh + b_h        (t b g)  -- hoisted: one GEMM for all t before the scan
+    hp_t = h_{t-1} @ W_hh          (b g)    -- the only GEMM inside the recurrence
+    state_t, res_t = cell.forward(params, xp_t, hp_t, state_{t-1})   -- pointwise
+
+so the backward step is pointwise too: ``cell.backward`` maps ``d state_t`` to the gradients of
+``xp_t``, ``hp_t`` and the direct part of ``d state_{t-1}``; the caller adds ``d hp_t @ W_hh^T``.
+Weight gradients are then single GEMMs over all steps (see ``param_grads``):
+
+    dW_xh = sum_t x_t^T d xp_t,   dW_hh = sum_t h_{t-1}^T d hp_t,   db_h = sum_t d xp_t
+
+Params are plain dicts (pytrees). Matrices act on row vectors (``x @ W``), so ``W_xh`` is
+``(D, G*H)``; PyTorch stores the transpose (see ``jax_bptt.torch_convert``).
+
+    Elman:  W_xh (d h),  W_hh (h h),  b_h (h)
+    LSTM:   W_xh (d 4h), W_hh (h 4h), b_h (4h)       gate order i, f, g, o (PyTorch)
+    GRU:    W_xh (d 3h), W_hh (h 3h), b_h (3h), b_hn (h)   gate order r, z, n (PyTorch)
+
+The LSTM's single ``b_h`` is PyTorch's ``b_ih + b_hh``. The GRU's ``b_h`` is ``b_ih`` plus the
+r and z parts of ``b_hh``; only the n part of ``b_hh`` must stay separate (``b_hn``) because it sits
+inside the reset gate: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Array]
+State = Any  # h (b h) for Elman/GRU, (h, c) for LSTM
+
+
+class Cell(NamedTuple):
+    """A recurrent cell as a bundle of pure functions (in the spirit of optax/stax).
+
+    Attributes:
+      name: registry name, e.g. ``"lstm"``.
+      num_gates: G, the number of H-sized blocks in the projections.
+      init: ``(key, input_size, hidden_size, dtype, recurrent_init) -> params``.
+      zero_state: ``(batch_shape, hidden_size, dtype) -> state``.
+      hidden: ``state -> h``, the part of the state the readout and next layer see.
+      with_hidden: ``(state, h) -> state`` with its hidden part replaced by ``h``.
+      forward: ``(params, xp, hp, state_prev) -> (state, residuals)``, pointwise.
+      backward: ``(params, residuals, state_prev, d_state) -> (d_state_prev, d_xp, d_hp)``,
+        pointwise; ``d_state_prev`` excludes the ``d_hp @ W_hh^T`` term, which the caller adds.
+      bias_grads: ``(d_xp_sum, d_hp_sum) -> {bias name: gradient}``.
+    """
+
+    name: str
+    num_gates: int
+    init: Callable[..., Params]
+    zero_state: Callable[..., State]
+    hidden: Callable[[State], Array]
+    with_hidden: Callable[[State, Array], State]
+    forward: Callable[..., tuple[State, Any]]
+    backward: Callable[..., tuple[State, Array, Array]]
+    bias_grads: Callable[[Array, Array], Params]
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisers
+
+
+def uniform_init(key: Array, shape: tuple[int, ...], hidden_size: int, dtype) -> Array:
+    """PyTorch's default for RNN weights and biases: U(-1/sqrt(H), 1/sqrt(H))."""
+    bound = 1.0 / math.sqrt(hidden_size)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def orthogonal_blocks(key: Array, hidden_size: int, num_gates: int, dtype) -> Array:
+    """``(H, G*H)``: an independent random orthogonal ``(H, H)`` block per gate."""
+    keys = jax.random.split(key, num_gates)
+    blocks = [jax.nn.initializers.orthogonal()(k, (hidden_size, hidden_size), dtype) for k in keys]
+    return jnp.concatenate(blocks, axis=1)
+
+
+def identity_blocks(hidden_size: int, num_gates: int, dtype) -> Array:
+    """``(H, G*H)``: identity per gate (IRNN, Le, Jaitly & Hinton 2015)."""
+    return jnp.tile(jnp.eye(hidden_size, dtype=dtype), (1, num_gates))
+
+
+RECURRENT_INITS = ("uniform", "orthogonal", "identity")
+
+
+def _init_weights(key, input_size, hidden_size, num_gates, dtype, recurrent_init):
+    if recurrent_init not in RECURRENT_INITS:
+        raise ValueError(f"recurrent_init must be one of {RECURRENT_INITS}, got {recurrent_init!r}")
+    k_x, k_h, k_b = jax.random.split(key, 3)
+    gh = num_gates * hidden_size
+    if recurrent_init == "uniform":
+        w_hh = uniform_init(k_h, (hidden_size, gh), hidden_size, dtype)
+    elif recurrent_init == "orthogonal":
+        w_hh = orthogonal_blocks(k_h, hidden_size, num_gates, dtype)
+    else:
+        w_hh = identity_blocks(hidden_size, num_gates, dtype)
+    return {
+        "W_xh": uniform_init(k_x, (input_size, gh), hidden_size, dtype),
+        "W_hh": w_hh,
+        "b_h": uniform_init(k_b, (gh,), hidden_size, dtype),
+    }
+
+
+def _zero_h(batch_shape, hidden_size, dtype):
+    return jnp.zeros((*batch_shape, hidden_size), dtype)
+
+
+def _h_itself(state):
+    return state
+
+
+def _replace_h(state, h):
+    del state
+    return h
+
+
+def _sum_xp_bias(d_xp_sum: Array, d_hp_sum: Array) -> Params:
+    del d_hp_sum
+    return {"b_h": d_xp_sum}
+
+
+# --------------------------------------------------------------------------------------------
+# Elman RNN: h_t = act(x_t W_xh + b_h + h_{t-1} W_hh)
+
+
+def _elman(name: str, act: Callable, act_grad_from_output: Callable) -> Cell:
+    def init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
+        """Elman params; ``recurrent_init="identity"`` with ReLU and zero bias is the IRNN."""
+        params = _init_weights(key, input_size, hidden_size, 1, dtype, recurrent_init)
+        if recurrent_init == "identity":
+            params["b_h"] = jnp.zeros_like(params["b_h"])
+        return params
+
+    def forward(params, xp, hp, h_prev):
+        del params, h_prev
+        h = act(xp + hp)
+        return h, h
+
+    def backward(params, h, h_prev, dh):
+        """Adjoint: ``delta_t = dh_t * act'(z_t)``; ``d xp_t = d hp_t = delta_t``.
+
+        The caller completes ``dh_{t-1} = delta_t @ W_hh^T`` (plus the readout's
+        ``dL_{t-1}/dh_{t-1}``): the seed's ``delta_t = (W_hy^T dL_t/dy_t + W_hh^T delta_{t+1})
+        * (1 - h_t^2)`` for tanh. Nothing flows to ``h_{t-1}`` except through ``W_hh``.
+        """
+        del params
+        delta = dh * act_grad_from_output(h)
+        return jnp.zeros_like(h_prev), delta, delta
+
+    return Cell(name, 1, init, _zero_h, _h_itself, _replace_h, forward, backward, _sum_xp_bias)
+
+
+ELMAN_TANH = _elman("elman_tanh", jnp.tanh, lambda h: 1.0 - h * h)
+# ReLU'(z) from its output: 1 where h > 0 (the subgradient at 0 is 0, as in jax.nn.relu).
+ELMAN_RELU = _elman("elman_relu", jax.nn.relu, lambda h: (h > 0).astype(h.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# LSTM (PyTorch's equations, gate order i, f, g, o)
+#   i, f, o = sigmoid(.), g = tanh(.)  on  a = xp + hp
+#   c_t = f * c_{t-1} + i * g,   h_t = o * tanh(c_t)
+
+
+def _lstm_init(
+    key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform", forget_bias=None
+):
+    """LSTM params; ``forget_bias`` (e.g. 1.0) sets the f-gate bias (Jozefowicz et al. 2015)."""
+    params = _init_weights(key, input_size, hidden_size, 4, dtype, recurrent_init)
+    if forget_bias is not None:
+        params["b_h"] = params["b_h"].at[hidden_size : 2 * hidden_size].set(forget_bias)
+    return params
+
+
+def _lstm_zero_state(batch_shape, hidden_size, dtype):
+    zeros = _zero_h(batch_shape, hidden_size, dtype)
+    return (zeros, zeros)
+
+
+def _lstm_forward(params, xp, hp, state_prev):
+    del params
+    _, c_prev = state_prev
+    a_i, a_f, a_g, a_o = jnp.split(xp + hp, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g), jax.nn.sigmoid(a_o)
+    c = f * c_prev + i * g
+    tanh_c = jnp.tanh(c)
+    h = o * tanh_c
+    return (h, c), (i, f, g, o, tanh_c)
+
+
+def _lstm_backward(params, res, state_prev, d_state):
+    """Adjoint of one LSTM step, given ``(dh_t, dc_t)`` from the future and the readout.
+
+    dc      = dc_t + dh_t * o * (1 - tanh(c_t)^2)
+    do      = dh_t * tanh(c_t)          da_o = do * o (1 - o)
+    di      = dc * g                    da_i = di * i (1 - i)
+    df      = dc * c_{t-1}              da_f = df * f (1 - f)
+    dg      = dc * i                    da_g = dg * (1 - g^2)
+    dc_{t-1} = dc * f                   d xp = d hp = [da_i, da_f, da_g, da_o]
+    dh_{t-1} = d hp @ W_hh^T            (added by the caller)
+    """
+    del params
+    i, f, g, o, tanh_c = res
+    _, c_prev = state_prev
+    dh, dc_next = d_state
+    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+    da = jnp.concatenate(
+        [
+            dc * g * i * (1.0 - i),
+            dc * c_prev * f * (1.0 - f),
+            dc * i * (1.0 - g * g),
+            dh * tanh_c * o * (1.0 - o),
+        ],
+        axis=-1,
+    )
+    return (jnp.zeros_like(dh), dc * f), da, da
+
+
+LSTM = Cell(
+    "lstm",
+    4,
+    _lstm_init,
+    _lstm_zero_state,
+    lambda state: state[0],
+    lambda state, h: (h, state[1]),
+    _lstm_forward,
+    _lstm_backward,
+    _sum_xp_bias,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# GRU (PyTorch's equations, gate order r, z, n)
+#   r = sigmoid(xp_r + hp_r),  z = sigmoid(xp_z + hp_z)
+#   n = tanh(xp_n + r * (hp_n + b_hn)),  h_t = (1 - z) * n + z * h_{t-1}
+
+
+def _gru_init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
+    """GRU params: the shared layout plus ``b_hn``, the n-gate's recurrent bias."""
+    k_main, k_bhn = jax.random.split(key)
+    params = _init_weights(k_main, input_size, hidden_size, 3, dtype, recurrent_init)
+    params["b_hn"] = uniform_init(k_bhn, (hidden_size,), hidden_size, dtype)
+    return params
+
+
+def _gru_forward(params, xp, hp, h_prev):
+    x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(hp, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    hn = h_n + params["b_hn"]
+    n = jnp.tanh(x_n + r * hn)
+    h = (1.0 - z) * n + z * h_prev
+    return h, (r, z, n, hn)
+
+
+def _gru_backward(params, res, h_prev, dh):
+    """Adjoint of one GRU step, given ``dh_t``.
+
+    dn  = dh * (1 - z)                  da_n = dn * (1 - n^2)       (a_n = xp_n + r * hn)
+    dz  = dh * (h_{t-1} - n)            da_z = dz * z (1 - z)
+    dr  = da_n * hn                     da_r = dr * r (1 - r)
+    d xp = [da_r, da_z, da_n],          d hp = [da_r, da_z, da_n * r],   d b_hn = da_n * r
+    dh_{t-1} = dh * z + d hp @ W_hh^T   (the second term added by the caller)
+    """
+    del params
+    r, z, n, hn = res
+    da_n = dh * (1.0 - z) * (1.0 - n * n)
+    da_z = dh * (h_prev - n) * z * (1.0 - z)
+    da_r = da_n * hn * r * (1.0 - r)
+    d_xp = jnp.concatenate([da_r, da_z, da_n], axis=-1)
+    d_hp = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
+    return dh * z, d_xp, d_hp
+
+
+def _gru_bias_grads(d_xp_sum, d_hp_sum):
+    hidden_size = d_hp_sum.shape[-1] // 3
+    return {"b_h": d_xp_sum, "b_hn": d_hp_sum[..., 2 * hidden_size :]}
+
+
+GRU = Cell(
+    "gru",
+    3,
+    _gru_init,
+    _zero_h,
+    _h_itself,
+    _replace_h,
+    _gru_forward,
+    _gru_backward,
+    _gru_bias_grads,
+)
+
+
+# --------------------------------------------------------------------------------------------
+
+CELLS: dict[str, Cell] = {c.name: c for c in (ELMAN_TANH, ELMAN_RELU, LSTM, GRU)}
+
+
+def get_cell(cell: str | Cell) -> Cell:
+    """Return the ``Cell`` for a name in ``CELLS`` (or pass a ``Cell`` through)."""
+    if isinstance(cell, Cell):
+        return cell
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+    return CELLS[cell]
+
+
+def project_inputs(params: Params, xs: Array) -> Array:
+    """``(..., d) -> (..., g)``: ``xs @ W_xh + b_h``, one GEMM for every step at once."""
+    return xs @ params["W_xh"] + params["b_h"]
+
+
+def step(cell: Cell, params: Params, state: State, x: Array) -> State:
+    """One full time step ``state_{t-1}, x_t -> state_t`` (unhoisted; for reading and tests)."""
+    xp = project_inputs(params, x)
+    hp = cell.hidden(state) @ params["W_hh"]
+    return cell.forward(params, xp, hp, state)[0]

@@ -1,0 +1,78 @@
+"""Sequence losses and their hand-written gradients with respect to the outputs ``ys: (t b o)``.
+
+A loss is a sum of terms ``L = sum_t sum_b w_tb l(y_tb, target_tb)`` where the weights ``w`` pick
+the terms that count:
+
+- ``placement="per_step"``: every valid step (``t < length``);
+- ``placement="last_step"``: only ``t = length - 1`` (many-to-one); a length-0 sequence has none.
+
+``reduction="sum"`` keeps the sum; ``"mean"`` divides by the number of counted terms (by 1 when no
+term counts, so an empty loss is 0 rather than NaN). Per-term losses:
+
+- ``"mse"``: ``mean_o (y - target)^2`` (so a constant predictor's loss is the target variance);
+- ``"cross_entropy"``: ``logsumexp(y) - y[target]`` in nats, integer targets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def term_weights(placement: str, num_steps: int, batch_size: int, lengths, dtype) -> jax.Array:
+    """``(t b)`` weight of each term, 0/1, before the reduction."""
+    lengths = jnp.full((batch_size,), num_steps) if lengths is None else lengths
+    steps = jnp.arange(num_steps)[:, None]
+    if placement == "per_step":
+        picked = steps < lengths[None, :]
+    else:
+        picked = steps == lengths[None, :] - 1
+    return picked.astype(dtype)
+
+
+def _per_step_targets(targets, placement, num_steps):
+    """Broadcast last-step targets over t so both placements share one code path."""
+    if placement == "per_step":
+        return targets
+    return jnp.broadcast_to(targets[None], (num_steps, *targets.shape))
+
+
+def _terms(ys, targets, loss):
+    if loss == "mse":
+        return jnp.mean((ys - targets) ** 2, axis=-1)
+    picked = jnp.take_along_axis(ys, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(ys, axis=-1) - picked
+
+
+def _scale(weights, reduction):
+    if reduction == "sum":
+        return weights
+    return weights / jnp.maximum(weights.sum(), 1.0)
+
+
+def sequence_loss(ys, targets, *, loss, placement, reduction, lengths=None) -> jax.Array:
+    """Scalar loss of outputs ``ys: (t b o)`` (see the module docstring for the conventions)."""
+    num_steps, batch_size = ys.shape[:2]
+    targets = _per_step_targets(targets, placement, num_steps)
+    weights = term_weights(placement, num_steps, batch_size, lengths, ys.dtype)
+    terms = _terms(ys, targets, loss)
+    # where, not multiply: a masked term may be inf/NaN (padding) and must not poison the sum.
+    return jnp.sum(jnp.where(weights > 0, terms, 0) * _scale(weights, reduction))
+
+
+def sequence_loss_grad(ys, targets, *, loss, placement, reduction, lengths=None) -> jax.Array:
+    """``dL/dys: (t b o)``, derived by hand.
+
+        mse:            dl/dy = 2 (y - target) / O
+        cross_entropy:  dl/dy = softmax(y) - onehot(target)
+
+    each scaled by the term's weight (0 for excluded terms, 1/count for ``"mean"``).
+    """
+    num_steps, batch_size, output_size = ys.shape
+    targets = _per_step_targets(targets, placement, num_steps)
+    weights = _scale(term_weights(placement, num_steps, batch_size, lengths, ys.dtype), reduction)
+    if loss == "mse":
+        d_terms = 2.0 * (ys - targets) / output_size
+    else:
+        d_terms = jax.nn.softmax(ys, axis=-1) - jax.nn.one_hot(targets, output_size, dtype=ys.dtype)
+    return jnp.where(weights[..., None] > 0, d_terms, 0) * weights[..., None]
