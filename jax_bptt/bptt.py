@@ -154,6 +154,7 @@ class Deltas(NamedTuple):
     d_xp: jax.Array  # (t b g) gradient w.r.t. the projected input xp_t = x_t W_xh + b_h
     d_hp: jax.Array  # (t b g) gradient w.r.t. the recurrent projection hp_t = h_{t-1} W_hh
     h_prev: jax.Array  # (t b h) h_{t-1} for every step
+    d_states: Any = None  # state pytree, leaves (t b h): dL/d state_t arriving at each step
 
 
 def backward_deltas(
@@ -191,16 +192,17 @@ def backward_deltas(
             d_prev = select(mask_t, d_prev, d_state)
             d_xp = jnp.where(mask_t[:, None], d_xp, 0)
             d_hp = jnp.where(mask_t[:, None], d_hp, 0)
-        return d_prev, (d_xp, d_hp)
+        return d_prev, (d_xp, d_hp, d_state)
 
-    d_h0, (d_xp, d_hp) = jax.lax.scan(
+    # d_states is dead code for callers that don't read it: XLA drops it from the loop.
+    d_h0, (d_xp, d_hp, d_states) = jax.lax.scan(
         backward_step,
         d_final,
         (d_hs, mask, states_prev, residuals),
         reverse=not reverse,
         unroll=unroll,
     )
-    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev))
+    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states)
 
 
 def cell_grads(cell: Cell, params, xs, deltas: Deltas):
@@ -239,31 +241,73 @@ def backward_scan(
     return d_params, deltas.d_h0, d_xs
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _manual_core(
+class ForwardPass(NamedTuple):
+    """The forward pass of the model with everything the hand-written backward needs."""
+
+    loss: jax.Array
+    mask: jax.Array | None  # (t b)
+    states: Any  # state pytree, leaves (t b h)
+    residuals: Any
+    hs: jax.Array  # (t b h) hidden outputs, zero past each length
+    d_ys: jax.Array  # (t b o) dL/dy_t, hand-derived
+    d_hs: jax.Array  # (t b h) dL/dy_t W_hy^T: what the loss injects into h_t
+
+
+def forward_pass(
     params, h0, xs, targets, lengths, *, cell: Cell, loss, placement, reduction, unroll=1
-) -> Gradients:
+) -> ForwardPass:
+    """Hoisted input GEMM, the recurrence (keeping states and residuals), readout, loss, dL/dy."""
     p, ro = params["cell"], params["readout"]
     mask = length_mask(lengths, xs.shape[0])
-
-    # Forward: hoisted input GEMM, then the recurrence; keep states and residuals.
     xp = project_inputs(p, xs)  # (t b g)
     _, (states, residuals) = scan_states(cell, p, xp, h0, mask, unroll=unroll)
     hs = masked_hidden(cell, states, mask)  # (t b h)
     ys = readout(ro, hs)  # (t b o)
     loss_kw = dict(loss=loss, placement=placement, reduction=reduction, lengths=lengths)
-    value = sequence_loss(ys, targets, **loss_kw)
+    d_ys = sequence_loss_grad(ys, targets, **loss_kw)
+    return ForwardPass(
+        sequence_loss(ys, targets, **loss_kw),
+        mask,
+        states,
+        residuals,
+        hs,
+        d_ys,
+        d_ys @ ro["W_hy"].T,
+    )
 
-    # Readout: dL/dy for all steps at once, then one GEMM each for its weights and dL/dh_t.
-    d_ys = sequence_loss_grad(ys, targets, **loss_kw)  # (t b o)
-    d_readout = {"W_hy": jnp.einsum("tbh,tbo->ho", hs, d_ys), "b_y": d_ys.sum((0, 1))}
-    d_hs = d_ys @ ro["W_hy"].T  # (t b h)
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _manual_core(
+    params, h0, xs, targets, lengths, *, cell: Cell, loss, placement, reduction, unroll=1
+) -> Gradients:
+    fwd = forward_pass(
+        params,
+        h0,
+        xs,
+        targets,
+        lengths,
+        cell=cell,
+        loss=loss,
+        placement=placement,
+        reduction=reduction,
+        unroll=unroll,
+    )
+    # Readout: one GEMM each for its weights, over all steps at once.
+    d_readout = {"W_hy": jnp.einsum("tbh,tbo->ho", fwd.hs, fwd.d_ys), "b_y": fwd.d_ys.sum((0, 1))}
     d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
     d_cell, d_h0, d_xs = backward_scan(
-        cell, p, xs, h0, mask, states, residuals, d_hs, d_final, unroll=unroll
+        cell,
+        params["cell"],
+        xs,
+        h0,
+        fwd.mask,
+        fwd.states,
+        fwd.residuals,
+        fwd.d_hs,
+        d_final,
+        unroll=unroll,
     )
-    return Gradients(value, {"cell": d_cell, "readout": d_readout}, d_h0, d_xs)
+    return Gradients(fwd.loss, {"cell": d_cell, "readout": d_readout}, d_h0, d_xs)
 
 
 bptt_auto = _with_checks(_auto_core)

@@ -136,7 +136,9 @@ def _sum_xp_bias(d_xp_sum: Array, d_hp_sum: Array) -> Params:
 # Elman RNN: h_t = act(x_t W_xh + b_h + h_{t-1} W_hh)
 
 
-def _elman(name: str, act: Callable, act_grad_from_output: Callable) -> Cell:
+def elman_cell(name: str, act: Callable, act_grad_from_output: Callable) -> Cell:
+    """An Elman cell for any activation whose derivative is a function of its output."""
+
     def init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
         """Elman params; ``recurrent_init="identity"`` with ReLU and zero bias is the IRNN."""
         params = _init_weights(key, input_size, hidden_size, 1, dtype, recurrent_init)
@@ -163,9 +165,9 @@ def _elman(name: str, act: Callable, act_grad_from_output: Callable) -> Cell:
     return Cell(name, 1, init, _zero_h, _h_itself, _replace_h, forward, backward, _sum_xp_bias)
 
 
-ELMAN_TANH = _elman("elman_tanh", jnp.tanh, lambda h: 1.0 - h * h)
+ELMAN_TANH = elman_cell("elman_tanh", jnp.tanh, lambda h: 1.0 - h * h)
 # ReLU'(z) from its output: 1 where h > 0 (the subgradient at 0 is 0, as in jax.nn.relu).
-ELMAN_RELU = _elman("elman_relu", jax.nn.relu, lambda h: (h > 0).astype(h.dtype))
+ELMAN_RELU = elman_cell("elman_relu", jax.nn.relu, lambda h: (h > 0).astype(h.dtype))
 
 
 # --------------------------------------------------------------------------------------------
