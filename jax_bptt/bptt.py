@@ -188,11 +188,12 @@ def backward_deltas(
         d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
         d_prev, d_xp, d_hp = cell.backward(params, res, state_prev, d_state)
         d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + d_hp @ params["W_hh"].T)
+        shared = d_hp is d_xp  # Elman, LSTM: stack one (t b g) array over t, not two equal ones
         if mask_t is not None:  # past the length the state was frozen: pass d_state through
             d_prev = select(mask_t, d_prev, d_state)
             d_xp = jnp.where(mask_t[:, None], d_xp, 0)
-            d_hp = jnp.where(mask_t[:, None], d_hp, 0)
-        return d_prev, (d_xp, d_hp, d_state)
+            d_hp = d_xp if shared else jnp.where(mask_t[:, None], d_hp, 0)
+        return d_prev, (d_xp, None if shared else d_hp, d_state)
 
     # d_states is dead code for callers that don't read it: XLA drops it from the loop.
     d_h0, (d_xp, d_hp, d_states) = jax.lax.scan(
@@ -202,6 +203,7 @@ def backward_deltas(
         reverse=not reverse,
         unroll=unroll,
     )
+    d_hp = d_xp if d_hp is None else d_hp
     return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states)
 
 

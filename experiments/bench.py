@@ -1,0 +1,561 @@
+"""Forward + backward time and compiled temporary memory of the BPTT modes, next to their peers.
+
+Every measurement computes the same thing: the per-step MSE (mean over t, b, o) of a linear
+readout ``y_t = h_t W_hy + b_y`` (O = D outputs) of a one-layer RNN, and its gradients w.r.t.
+all params, the inputs and the initial state, in float32. Modes:
+
+  auto          jax.grad through a plain lax.scan whose step also does x_t @ W_xh
+                (``jax_bptt.cells.step``): the textbook baseline
+  auto_hoisted  jax.grad through the scan with the input projection hoisted (``bptt_auto``)
+  manual        the hand-written reverse scan called directly (``bptt_manual``)
+  fast          jax.grad through ``unroll_fast`` (custom_vjp; ``bptt_fast``), unroll=1
+  fast_u{k}     the same with ``lax.scan(unroll=k)``; "fast+unroll" is the best k of the point
+  checkpointed  ``bptt_checkpointed``: segment-boundary states only, default segment ceil(sqrt T)
+
+Peers, when installed: PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` (cuDNN on a GPU;
+``--device``) and Flax ``nn.RNN`` with ``SimpleCell``/``OptimizedLSTMCell``/``GRUCell`` + ``Dense``.
+
+Timing: one warm-up call (compile) and two more, then ``--repeats`` rounds; every round times
+each candidate once, in the same order, so baseline and candidates share the machine's noise.
+The reported time is the median, with ``block_until_ready`` (``torch.cuda.synchronize``).
+Temporary memory is XLA's ``memory_analysis().temp_size_in_bytes`` of the compiled function
+(arguments and outputs excluded); None where the backend does not report it (and for peers).
+
+Usage:
+  python experiments/bench.py --quick --json runs/bench_cpu.json --txt runs/bench_cpu.txt
+  python experiments/bench.py --json runs/bench_gpu.json --txt runs/bench_gpu.txt   # GPU grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def _threads_from_argv(argv) -> int | None:
+    """``--threads N`` must act before JAX creates its CPU client, i.e. before the imports."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
+THREADS = _threads_from_argv(sys.argv) if __name__ == "__main__" else None
+if THREADS is not None:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen={'true' if THREADS > 1 else 'false'}"
+        + f" intra_op_parallelism_threads={THREADS}"
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_bptt import (  # noqa: E402
+    bptt_auto,
+    bptt_manual,
+    get_cell,
+    init_model,
+    readout,
+    sequence_loss,
+)
+from jax_bptt.cells import step  # noqa: E402
+from jax_bptt.fast import (  # noqa: E402
+    bptt_checkpointed,
+    bptt_fast,
+    compiled_temp_bytes,
+    resolve_unroll,
+)
+
+FULL_GRID = [  # (B, H, T, D)
+    (64, 512, 1024, 128),
+    (1, 512, 1024, 128),
+    (128, 1024, 512, 256),
+    (16, 256, 4096, 64),
+    (256, 128, 256, 32),
+]
+QUICK_GRID = [(16, 64, 128, 16), (64, 128, 256, 32), (4, 128, 512, 16)]
+FULL_LONG = (16, 256, 16384, 64)
+QUICK_LONG = (4, 32, 16384, 8)
+CELLS = ("elman_tanh", "lstm", "gru")
+UNROLLS = (1, 2, 4, 8, 16)
+LONG_MODES = ("auto", "auto_hoisted", "fast", "checkpointed")
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def jax_device() -> str:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)"
+    return f"{dev.platform}: {dev.device_kind}"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "numpy", "torch", "flax"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# JAX candidates: each a jitted (params, h0, xs, targets) -> gradients
+
+
+def plain_scan_loss(cell, params, h0, xs, targets):
+    """The textbook unroll: ``x_t @ W_xh`` inside the scan step, then readout and loss."""
+
+    def body(state, x):
+        state = step(cell, params["cell"], state, x)
+        return state, cell.hidden(state)
+
+    _, hs = jax.lax.scan(body, h0, xs)
+    ys = readout(params["readout"], hs)
+    return sequence_loss(ys, targets, loss="mse", placement="per_step", reduction="mean")
+
+
+def jax_candidates(cell_name: str, modes, unrolls) -> dict:
+    cell = get_cell(cell_name)
+
+    def library(fn, **kw):
+        return jax.jit(lambda p, h0, xs, ys: fn(p, xs, ys, cell=cell_name, h0=h0, **kw))
+
+    out = {}
+    for mode in modes:
+        if mode == "auto":
+            grad = jax.value_and_grad(functools.partial(plain_scan_loss, cell), argnums=(0, 1, 2))
+            out[mode] = jax.jit(grad)
+        elif mode == "auto_hoisted":
+            out[mode] = library(bptt_auto)
+        elif mode == "manual":
+            out[mode] = library(bptt_manual)
+        elif mode == "fast":
+            for k in unrolls:
+                out["fast" if k == 1 else f"fast_u{k}"] = library(bptt_fast, unroll=k)
+        elif mode == "fast_default":
+            out[mode] = library(bptt_fast)  # the backend's default unroll on this platform
+        elif mode == "checkpointed":
+            out[mode] = library(bptt_checkpointed)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return out
+
+
+def jax_inputs(cell_name, batch, hidden, steps, features):
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = init_model(keys[0], cell_name, features, hidden, features)
+    h0 = get_cell(cell_name).zero_state((batch,), hidden, jnp.float32)
+    xs = jax.random.normal(keys[1], (steps, batch, features), jnp.float32)
+    ys = jax.random.normal(keys[2], (steps, batch, features), jnp.float32)
+    return params, h0, xs, ys
+
+
+def jax_timer(fn, args):
+    def run():
+        jax.block_until_ready(fn(*args))
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Peers (optional, imported lazily)
+
+
+def torch_peer(cell_name, batch, hidden, steps, features, device):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    torch.manual_seed(0)
+    rnn_cls = {"elman_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
+    rnn = rnn_cls(features, hidden).to(device)  # time-major (batch_first=False), like jax_bptt
+    head = torch.nn.Linear(hidden, features).to(device)
+    xs = torch.randn(steps, batch, features, device=device, requires_grad=True)
+    ys = torch.randn(steps, batch, features, device=device)
+    h0 = torch.zeros(1, batch, hidden, device=device, requires_grad=True)
+    c0 = torch.zeros(1, batch, hidden, device=device, requires_grad=True)
+    state = (h0, c0) if cell_name == "lstm" else h0
+    wrt = [*rnn.parameters(), *head.parameters(), xs, h0] + ([c0] if cell_name == "lstm" else [])
+
+    def run():
+        hs, _ = rnn(xs, state)
+        loss = torch.mean((head(hs) - ys) ** 2)
+        torch.autograd.grad(loss, wrt)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    temp = None
+    if device == "cuda":  # peak allocation of one step beyond what is already held
+        run()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        run()
+        temp = torch.cuda.max_memory_allocated() - held
+    name = {"elman_tanh": "nn.RNN", "lstm": "nn.LSTM", "gru": "nn.GRU"}[cell_name]
+    return f"torch {name} ({device}{', cuDNN' if device == 'cuda' else ''})", run, temp
+
+
+def flax_peer(cell_name, batch, hidden, steps, features):
+    try:
+        from flax import linen as nn
+    except ImportError:
+        return None
+    cell_cls = {"elman_tanh": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
+    cell_cls = cell_cls[cell_name]
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, xs, carry):
+            hs = nn.RNN(cell_cls(features=hidden), time_major=True)(xs, initial_carry=carry)
+            return nn.Dense(features)(hs)
+
+    model = Model()
+    keys = jax.random.split(jax.random.key(0), 3)
+    xs = jax.random.normal(keys[0], (steps, batch, features), jnp.float32)
+    ys = jax.random.normal(keys[1], (steps, batch, features), jnp.float32)
+    carry = cell_cls(features=hidden).initialize_carry(keys[2], (batch, features))
+    params = model.init(keys[2], xs, carry)
+
+    def loss(params, xs, carry, ys):
+        return jnp.mean((model.apply(params, xs, carry) - ys) ** 2)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    args = (params, xs, carry, ys)
+    name = {"elman_tanh": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}[cell_name]
+    return f"flax nn.RNN({name})", jax_timer(fn, args), compiled_temp_bytes(fn, *args)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+    """``{name: (wall ms, process-CPU ms)}`` medians; each round times every candidate once, in
+    the same order. CPU time counts only this process's work, so with ``--threads 1`` it is the
+    steadier number on a machine shared with other jobs."""
+    for run in runs.values():  # compile / warm caches
+        for _ in range(3):
+            run()
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+            wall[name].append((time.perf_counter() - start) * 1e3)
+    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in runs}
+
+
+def measure_point(cell_name, size, modes, unrolls, repeats, peers, torch_device):
+    """Records for one (cell, B, H, T, D): every JAX mode, then the peers."""
+    batch, hidden, steps, features = size
+    args = jax_inputs(cell_name, *size)
+    candidates = jax_candidates(cell_name, modes, unrolls)
+    runs, meta = {}, {}
+    for mode, fn in candidates.items():
+        runs[mode] = jax_timer(fn, args)
+        meta[mode] = ("jax_bptt", compiled_temp_bytes(fn, *args))
+    if peers:
+        found = torch_peer(cell_name, *size, torch_device)
+        if found is not None:
+            runs[found[0]] = found[1]
+            meta[found[0]] = ("torch", found[2])
+        found = flax_peer(cell_name, *size)
+        if found is not None:
+            runs[found[0]] = found[1]
+            meta[found[0]] = ("flax", found[2])
+    medians = interleaved_medians(runs, repeats)
+    records = []
+    for mode, (ms, cpu_ms) in medians.items():
+        impl, temp = meta[mode]
+        record = dict(impl=impl, cell=cell_name, mode=mode, B=batch, H=hidden, T=steps)
+        record.update(D=features, ms=ms, cpu_ms=cpu_ms, temp_bytes=temp, repeats=repeats)
+        if impl == "jax_bptt" and mode.startswith("fast"):
+            record["unroll"] = int(mode[6:]) if mode.startswith("fast_u") else 1
+            if mode == "fast_default":
+                record["unroll"] = resolve_unroll(None)
+        if mode == "checkpointed":
+            record["unroll"] = resolve_unroll(None)
+            record["segment_length"] = int(np.ceil(np.sqrt(steps)))
+        records.append(record)
+    return with_best_unroll(records)
+
+
+def with_best_unroll(records):
+    """Add a "fast+unroll" record per point: the fast_u{k} with the least CPU time (see
+    ``unroll_summary`` for why CPU time), replacing any earlier one."""
+    records = [r for r in records if r["mode"] != "fast+unroll"]
+    points = {}
+    for r in records:
+        if r["impl"] == "jax_bptt" and (r["mode"] == "fast" or r["mode"].startswith("fast_u")):
+            points.setdefault((r["cell"], r["B"], r["H"], r["T"], r["D"]), []).append(r)
+    out = []
+    for r in records:
+        out.append(r)
+        fast = points.get((r["cell"], r["B"], r["H"], r["T"], r["D"]), [])
+        if len(fast) > 1 and r is fast[-1]:
+            best = min(fast, key=lambda q: q["cpu_ms"])
+            out.append({**best, "mode": "fast+unroll", "derived_from": best["mode"]})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _mib(value):
+    return "-" if value is None else f"{value / 2**20:.2f}"
+
+
+def _ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def table(records, header: str) -> str:
+    lines = [header]
+    groups = {}
+    for r in records:
+        groups.setdefault((r["B"], r["H"], r["T"], r["D"], r["cell"]), []).append(r)
+    for (b, h, t, d, cell), rows in groups.items():
+        by_mode = {r["mode"]: r for r in rows}
+        auto = by_mode.get("auto")
+        torch_row = next((r for r in rows if r["impl"] == "torch"), None)
+        flax_row = next((r for r in rows if r["impl"] == "flax"), None)
+        lines.append("")
+        lines.append(f"B={b} H={h} T={t} D={d}  cell={cell}")
+        lines.append(
+            f"  {'mode':<34} {'ms':>9} {'vs auto':>8} {'vs torch':>9} {'vs flax':>8}"
+            f" {'cpu ms':>9} {'cpu/auto':>8} {'temp MiB':>9} {'temp/auto':>9}"
+        )
+        for r in rows:
+            name = r["mode"] + (f" (k={r['unroll']})" if r["mode"] == "fast+unroll" else "")
+            auto_ms = auto["ms"] if auto else None
+            auto_tmp = auto["temp_bytes"] if auto else None
+            lines.append(
+                f"  {name:<34} {r['ms']:9.2f} {_ratio(r['ms'], auto_ms):>8}"
+                f" {_ratio(r['ms'], torch_row['ms'] if torch_row else None):>9}"
+                f" {_ratio(r['ms'], flax_row['ms'] if flax_row else None):>8}"
+                f" {r['cpu_ms']:9.2f} {_ratio(r['cpu_ms'], auto['cpu_ms'] if auto else None):>8}"
+                f" {_mib(r['temp_bytes']):>9} {_ratio(r['temp_bytes'], auto_tmp):>9}"
+            )
+    return "\n".join(lines)
+
+
+def unroll_summary(records) -> str:
+    """Per point: fast's time for each unroll k, and each k's geometric-mean time vs k = 1.
+
+    The best k is picked on process-CPU time: with one thread per process it counts only this
+    process's work, so it is steadier than wall time on a shared machine.
+    """
+    fast_modes = ("fast",) + tuple(f"fast_u{k}" for k in UNROLLS)
+    rows = {}
+    for r in records:
+        if r["impl"] == "jax_bptt" and r["mode"] in fast_modes:
+            key = (r["cell"], r["B"], r["H"], r["T"], r["D"])
+            rows.setdefault(key, {})[r["unroll"]] = (r["ms"], r["cpu_ms"])
+    if not rows:
+        return ""
+    ks = sorted({k for v in rows.values() for k in v})
+    lines = ["", "fast path: wall ms / cpu ms per scan unroll k (forward and backward scans)"]
+    lines.append(f"  {'cell':<11} {'B,H,T,D':<16}" + "".join(f"{'k=' + str(k):>16}" for k in ks))
+    logs = {(k, i): [] for k in ks for i in (0, 1)}
+    for (cell, *size), by_k in rows.items():
+        cells = "".join(
+            f"{by_k[k][0]:8.2f}/{by_k[k][1]:<7.2f}" if k in by_k else f"{'-':>16}" for k in ks
+        )
+        lines.append(f"  {cell:<11} {','.join(map(str, size)):<16}{cells}")
+        for k in ks:
+            if k in by_k and 1 in by_k:
+                for i in (0, 1):
+                    logs[k, i].append(np.log(by_k[k][i] / by_k[1][i]))
+    geo = {key: float(np.exp(np.mean(v))) for key, v in logs.items() if v}
+    for i, name in ((0, "wall"), (1, "cpu")):
+        lines.append(
+            f"  geometric mean {name} time vs k=1: "
+            + ", ".join(f"k={k}: {geo[k, i]:.3f}" for k in ks if (k, i) in geo)
+        )
+    best = min((k for k in ks if (k, 1) in geo), key=lambda k: geo[k, 1])
+    lines.append(f"  best k on this device (cpu time): {best}")
+    return "\n".join(lines)
+
+
+def long_summary(records) -> str:
+    """The checkpointing targets: temp memory vs auto, time vs the fast path, per cell."""
+    lines = []
+    for r in records:
+        if r["mode"] != "checkpointed" or r["T"] < 16384:
+            continue
+        same = {
+            q["mode"]: q
+            for q in records
+            if (q["cell"], q["B"], q["H"], q["T"], q["D"])
+            == (r["cell"], r["B"], r["H"], r["T"], r["D"])
+        }
+        auto, fast = same.get("auto"), same.get("fast_default")
+        if auto is None or fast is None:
+            continue
+        lines.append(
+            f"  {r['cell']:<11} T={r['T']}: temp {_mib(r['temp_bytes'])} MiB = "
+            f"1/{auto['temp_bytes'] / r['temp_bytes']:.0f} of auto's "
+            f"({_mib(auto['temp_bytes'])} MiB), 1/{fast['temp_bytes'] / r['temp_bytes']:.0f} of"
+            f" fast's; time {r['ms']:.1f} ms = "
+            f"{_ratio(r['ms'], fast['ms'])} x fast (wall), "
+            f"{_ratio(r['cpu_ms'], fast['cpu_ms'])} x fast (cpu)"
+        )
+    if not lines:
+        return ""
+    return "\n".join(
+        ["", "checkpointed at long T (targets: temp <= 1/8 auto, time <= 1.5 x fast)"] + lines
+    )
+
+
+def make_header(device: str, vers: dict, threads: str, repeats, long_repeats) -> str:
+    return "\n".join(
+        [
+            f"device: {device}; {threads}",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+            "float32, per-step MSE on a linear readout (O = D), grads w.r.t. params, xs, h0; "
+            f"median of {repeats} interleaved rounds ({long_repeats} for T=16384) "
+            "after warm-up. ms = wall time, cpu ms = this process's CPU time.",
+            "Baseline and candidates run interleaved in the same process; the machine may be "
+            "shared with other jobs, so absolute times are noisy, ratios less so.",
+            f"default unroll on this platform: {resolve_unroll(None)}; checkpointed segment "
+            "length ceil(sqrt(T)).",
+        ]
+    )
+
+
+def full_report(records, args) -> str:
+    first = records[0]
+    threads = first.get("threads", f"XLA threads {args.threads or 'default'}")
+    repeats = {r["T"] >= 16384: r["repeats"] for r in records}
+    header = make_header(
+        first["device"], first["versions"], threads, repeats.get(False), repeats.get(True)
+    )
+    text = "\n".join([table(records, header), unroll_summary(records), long_summary(records), ""])
+    return "\n".join(line.rstrip() for line in text.split("\n"))
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small CPU grid")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20)")
+    parser.add_argument("--long-repeats", type=int, default=None, help="rounds for the long row")
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--unrolls", nargs="+", type=int, default=list(UNROLLS))
+    parser.add_argument(
+        "--sizes", nargs="+", default=None, help="override the grid: B,H,T,D points, e.g. 8,32,64,4"
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and Flax")
+    parser.add_argument("--no-long", action="store_true", help="skip the T=16384 row")
+    parser.add_argument("--no-grid", action="store_true", help="only the T=16384 row")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch device"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for XLA and torch (default: theirs)"
+    )
+    parser.add_argument("--json", default=None, help="write one record per measurement here")
+    parser.add_argument("--txt", default=None, help="write the printed report here")
+    parser.add_argument(
+        "--render", default=None, help="only print (and --txt) the report of a saved --json"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 20
+    if args.long_repeats is None:
+        args.long_repeats = 7 if args.quick else 20
+
+    if args.render:
+        with open(args.render) as f:
+            records = with_best_unroll(json.load(f))
+        report = full_report(records, args)
+        print(report)
+        if args.txt:
+            write_text(args.txt, report)
+        if args.json:
+            write_text(args.json, json.dumps(records, indent=1))
+        return records
+
+    device, vers = jax_device(), versions()
+    threads = f"XLA threads {args.threads or 'default'}"
+    try:
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        threads += f", torch threads {torch.get_num_threads()}"
+    except ImportError:
+        pass
+    header = make_header(device, vers, threads, args.repeats, args.long_repeats)
+    print(header, flush=True)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.sizes:
+        grid = [tuple(int(v) for v in size.split(",")) for size in args.sizes]
+    records = []
+    modes = ("auto", "auto_hoisted", "manual", "fast", "checkpointed")
+    if not args.no_grid:
+        for size in grid:
+            for cell in args.cells:
+                got = measure_point(
+                    cell, size, modes, args.unrolls, args.repeats, not args.no_peers, args.device
+                )
+                records += got
+                print(table(got, "").lstrip("\n"), flush=True)
+    if not args.no_long:
+        long_size = QUICK_LONG if args.quick else FULL_LONG
+        long_modes = ("auto", "auto_hoisted", "fast_default", "checkpointed")
+        for cell in args.cells:
+            got = measure_point(cell, long_size, long_modes, (1,), args.long_repeats, False, "")
+            records += got
+            print(table(got, "").lstrip("\n"), flush=True)
+    for r in records:
+        r.update(device=device, versions=vers, threads=threads)
+    report = full_report(records, args)
+    print("\n" + "=" * 100 + "\n" + report)
+    if args.json:
+        write_text(args.json, json.dumps(records, indent=1))
+    if args.txt:
+        write_text(args.txt, report)
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,331 @@
+"""Fused Pallas recurrences against the XLA fast path and cuDNN (written for a GPU run).
+
+Three measurements per (cell, B, H, T, D), float32, all candidates interleaved in one process:
+
+  forward     the recurrence on projected inputs: ``scan_states`` (XLA, lax.scan unroll k) vs
+              ``pallas_scan_states`` variants, and torch cuDNN's forward (``nn.RNN``/``LSTM``/
+              ``GRU`` under ``no_grad``, input projection included); also us per step
+  backward    the delta recurrence: ``backward_deltas`` (XLA) vs ``pallas_backward_deltas``
+  gradients   a full training step: ``bptt_fast(backend=...)`` (readout, MSE, both
+              recurrences and the weight GEMMs) vs torch cuDNN forward + backward
+
+Pallas variants: ``pallas`` (IEEE float32 dots), ``pallas_tf32`` (TF32 dots), ``pallas_bf16w``
+(W_hh stored in bfloat16, float32 accumulation). A variant that fails to compile (e.g. W_hh
+beyond shared memory) is reported with its error instead of a time. Accuracy: each candidate's
+hidden states and gradients against a float64 XLA reference on the same device (max relative
+error ``max|a - b| / max|b|``), which is where the TF32 and bf16 errors show.
+
+``--crossover`` adds an H sweep at fixed (B, T) for the gradient step: the H where the XLA fast
+path overtakes the fused kernel. Timing: warm-up then ``--repeats`` interleaved rounds, median,
+``block_until_ready``; device and versions are printed next to the numbers.
+
+Usage:
+  python experiments/bench_pallas.py --json runs/bench_pallas_gpu.json        # GPU
+  python experiments/bench_pallas.py --crossover --json runs/bench_pallas_cross.json
+  python experiments/bench_pallas.py --tiny          # CPU smoke run, Pallas interpret mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from bench import interleaved_medians, jax_device, jax_inputs, torch_peer, versions
+from jax import lax
+
+from jax_bptt import get_cell
+from jax_bptt.bptt import backward_deltas
+from jax_bptt.cells import project_inputs
+from jax_bptt.check import relative_error
+from jax_bptt.fast import BACKENDS, bptt_fast, register_backend
+from jax_bptt.pallas_rnn import choose_backend, fits_on_chip, make_pallas_backend
+from jax_bptt.unroll import scan_states
+
+POINTS = [(256, 128, 256, 32), (16, 256, 4096, 64)]  # (B, H, T, D)
+TINY_POINTS = [(4, 8, 6, 3)]
+CROSSOVER_HS = (16, 32, 64, 128, 256)
+CROSSOVER_BT = (256, 256)
+CELLS = ("elman_tanh", "lstm", "gru")
+XLA_UNROLLS = (1, 8, 16)
+PALLAS_VARIANTS = {
+    "pallas": {},
+    "pallas_tf32": {"precision": lax.Precision.DEFAULT},
+    "pallas_bf16w": {"weight_dtype": jnp.bfloat16},
+}
+
+
+def register_pallas_variants(interpret: bool | None) -> dict:
+    """Register each variant as a ``jax_bptt.fast`` backend; returns name -> PallasBackend."""
+    out = {}
+    for name, options in PALLAS_VARIANTS.items():
+        # d_states (per-step dL/d state, for diagnostics) is not needed for gradients
+        backend = make_pallas_backend(interpret=interpret, with_d_states=False, **options)
+        if name not in BACKENDS:
+            register_backend(name, backend.scan_states, backend.backward_deltas, {"gpu": 1})
+        out[name] = backend
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates: each name -> a jitted function and its arguments
+
+
+def recurrence_candidates(cell_name, size, pallas: dict):
+    """``{"forward": {name: (fn, args)}, "backward": {...}}`` on one problem."""
+    cell = get_cell(cell_name)
+    params, h0, xs, _ = jax_inputs(cell_name, *size)
+    p = params["cell"]
+    xp = project_inputs(p, xs)
+    _, (states, residuals) = jax.jit(lambda: scan_states(cell, p, xp, h0))()
+    d_hs = jax.random.normal(jax.random.key(3), cell.hidden(states).shape)
+    d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
+
+    fwd_impls = {f"xla_u{k}": (scan_states, k) for k in XLA_UNROLLS}
+    fwd_impls.update({name: (b.scan_states, 1) for name, b in pallas.items()})
+    bwd_impls = {f"xla_u{k}": (backward_deltas, k) for k in XLA_UNROLLS}
+    bwd_impls.update({name: (b.backward_deltas, 1) for name, b in pallas.items()})
+
+    def forward(impl, unroll):
+        return jax.jit(lambda p, xp, h0: impl(cell, p, xp, h0, None, False, unroll))
+
+    def backward(impl, unroll):  # d_h0, d_xp, d_hp only: what the gradients need
+        return jax.jit(
+            lambda p, h0, s, r, d_hs, d_f: impl(cell, p, h0, None, s, r, d_hs, d_f, unroll=unroll)[
+                :3
+            ]
+        )
+
+    return {
+        "forward": {n: (forward(*i), (p, xp, h0)) for n, i in fwd_impls.items()},
+        "backward": {
+            n: (backward(*i), (p, h0, states, residuals, d_hs, d_final))
+            for n, i in bwd_impls.items()
+        },
+    }
+
+
+def gradient_candidates(cell_name, size, pallas: dict):
+    args = jax_inputs(cell_name, *size)
+
+    def step(backend, unroll):
+        return jax.jit(
+            lambda p, h0, xs, ys: bptt_fast(
+                p, xs, ys, cell=cell_name, h0=h0, unroll=unroll, backend=backend
+            )
+        )
+
+    out = {f"xla_u{k}": (step("xla", k), args) for k in XLA_UNROLLS}
+    out.update({name: (step(name, 1), args) for name in pallas})
+    return out
+
+
+def torch_forward_peer(cell_name, batch, hidden, steps, features, device):
+    """cuDNN's forward alone (``no_grad``), the input projection included."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rnn_cls = {"elman_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
+    rnn = rnn_cls(features, hidden).to(device)
+    xs = torch.randn(steps, batch, features, device=device)
+
+    def run():
+        with torch.no_grad():
+            rnn(xs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return f"torch ({device}{', cuDNN' if device == 'cuda' else ''})", run
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+
+def compile_or_error(candidates: dict) -> tuple[dict, dict]:
+    """Warm every candidate once; ``(runs, errors)`` where a failed compile is an error string."""
+    runs, errors = {}, {}
+    for name, (fn, args) in candidates.items():
+        try:
+            jax.block_until_ready(fn(*args))
+        except Exception as error:  # noqa: BLE001 - a kernel that does not fit is a result
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            continue
+        runs[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    return runs, errors
+
+
+def time_candidates(kind, cell_name, size, candidates, peer, repeats):
+    runs, errors = compile_or_error(candidates)
+    if peer is not None:
+        runs[peer[0]] = peer[1]
+    medians = interleaved_medians(runs, repeats)
+    batch, hidden, steps, features = size
+    base = dict(kind=kind, cell=cell_name, B=batch, H=hidden, T=steps, D=features)
+    records = []
+    for name, median in medians.items():
+        # bench.interleaved_medians gives (wall ms, process-CPU ms) per candidate
+        wall, cpu = median if isinstance(median, tuple) else (median, None)
+        records.append(
+            dict(base, candidate=name, ms=wall, cpu_ms=cpu, us_per_step=1e3 * wall / steps)
+        )
+    records += [dict(base, candidate=name, error=msg) for name, msg in errors.items()]
+    return records
+
+
+def accuracy(cell_name, size, pallas: dict) -> list[dict]:
+    """Relative error of hidden states and gradients vs a float64 XLA reference."""
+    cell = get_cell(cell_name)
+    params, h0, xs, ys = jax_inputs(cell_name, *size)
+    with jax.enable_x64(True):
+        to64 = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), tree)  # noqa: E731
+        p64, h64, xs64, ys64 = to64(params), to64(h0), to64(xs), to64(ys)
+        ref_states = scan_states(cell, p64["cell"], project_inputs(p64["cell"], xs64), h64)[1][0]
+        ref_grads = bptt_fast(p64, xs64, ys64, cell=cell_name, h0=h64, unroll=1)
+        ref_states, ref_grads = jax.device_get((ref_states, ref_grads))
+    xp = project_inputs(params["cell"], xs)
+    impls = {"xla": scan_states, **{name: b.scan_states for name, b in pallas.items()}}
+    records = []
+    for name, impl in impls.items():
+        record = dict(kind="accuracy", cell=cell_name, B=size[0], H=size[1], T=size[2])
+        record.update(D=size[3], candidate=name)
+        try:
+            states = jax.jit(lambda p, xp, h0, impl=impl: impl(cell, p, xp, h0)[1][0])(
+                params["cell"], xp, h0
+            )
+            grads = bptt_fast(
+                params, xs, ys, cell=cell_name, h0=h0, unroll=1,
+                backend="xla" if name == "xla" else name,
+            )  # fmt: skip
+        except Exception as error:  # noqa: BLE001
+            records.append({**record, "error": f"{type(error).__name__}: {str(error)[:160]}"})
+            continue
+        leaves = zip(
+            jax.tree_util.tree_leaves(states), jax.tree_util.tree_leaves(ref_states), strict=True
+        )
+        record["states_rel_err"] = max(relative_error(a, b)[1] for a, b in leaves)
+        grad_pairs = zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads), strict=True
+        )
+        record["grads_rel_err"] = max(relative_error(a, b)[1] for a, b in grad_pairs)
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def table(records) -> str:
+    lines = []
+    groups = {}
+    for r in records:
+        key = (r["kind"], r["cell"], r["B"], r["H"], r["T"], r["D"])
+        groups.setdefault(key, []).append(r)
+    for (kind, cell, b, h, t, d), rows in groups.items():
+        lines.append(f"\n{kind}: cell={cell} B={b} H={h} T={t} D={d}")
+        if kind == "accuracy":
+            for r in rows:
+                if "error" in r:
+                    lines.append(f"  {r['candidate']:<22} {r['error']}")
+                else:
+                    lines.append(
+                        f"  {r['candidate']:<22} states rel err {r['states_rel_err']:9.2e}"
+                        f"   grads rel err {r['grads_rel_err']:9.2e}"
+                    )
+            continue
+        timed = [r for r in rows if "ms" in r]
+        best_xla = min((r["ms"] for r in timed if r["candidate"].startswith("xla")), default=None)
+        lines.append(f"  {'candidate':<22} {'ms':>9} {'us/step':>9} {'vs best xla':>12}")
+        for r in rows:
+            if "error" in r:
+                lines.append(f"  {r['candidate']:<22} {r['error']}")
+                continue
+            ratio = "-" if best_xla is None else f"{r['ms'] / best_xla:.2f}"
+            lines.append(
+                f"  {r['candidate']:<22} {r['ms']:9.3f} {r['us_per_step']:9.2f} {ratio:>12}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke size (interpret mode)")
+    parser.add_argument("--crossover", action="store_true", help="add the H sweep")
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", default=None, help="write one record per measurement here")
+    parser.add_argument("--txt", default=None, help="write the printed report here")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.tiny else 20)
+    points = TINY_POINTS if args.tiny else POINTS
+
+    device, vers = jax_device(), versions()
+    interpret = jax.default_backend() != "gpu"
+    header = "\n".join(
+        [
+            f"device: {device}",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+            f"float32; jax_default_matmul_precision={jax.config.jax_default_matmul_precision}; "
+            f"Pallas {'INTERPRET mode (timings meaningless)' if interpret else 'Triton'}; "
+            f"median of {repeats} interleaved rounds after warm-up.",
+        ]
+    )
+    print(header, flush=True)
+    pallas = register_pallas_variants(None)
+    records = []
+    for size in points:
+        for cell in args.cells:
+            g = get_cell(cell).num_gates
+            note = (
+                f"# {cell} {size}: choose_backend -> "
+                f"{choose_backend(size[0], size[1], size[2], get_cell(cell), jnp.float32)}, "
+                f"fits_on_chip fp32 {fits_on_chip(size[1], g, jnp.float32)}, "
+                f"bf16 weights {fits_on_chip(size[1], g, jnp.float32, weight_dtype=jnp.bfloat16)}"
+            )
+            print(note, flush=True)
+            got = []
+            rec = recurrence_candidates(cell, size, pallas)
+            fwd_peer = torch_forward_peer(cell, *size, args.device)
+            got += time_candidates("forward", cell, size, rec["forward"], fwd_peer, repeats)
+            got += time_candidates("backward", cell, size, rec["backward"], None, repeats)
+            peer = torch_peer(cell, *size, args.device)
+            peer = None if peer is None else peer[:2]
+            grads = gradient_candidates(cell, size, pallas)
+            got += time_candidates("gradients", cell, size, grads, peer, repeats)
+            got += accuracy(cell, size, pallas)
+            print(table(got), flush=True)
+            records += got
+    if args.crossover:
+        batch, steps = (4, 6) if args.tiny else CROSSOVER_BT
+        hidden_sizes = (8, 16) if args.tiny else CROSSOVER_HS
+        for cell in args.cells:
+            for hidden in hidden_sizes:
+                size = (batch, hidden, steps, 32 if not args.tiny else 3)
+                grads = gradient_candidates(cell, size, {"pallas": pallas["pallas"]})
+                got = time_candidates("gradients (H sweep)", cell, size, grads, None, repeats)
+                print(table(got), flush=True)
+                records += got
+    for r in records:
+        r.update(device=device, versions=vers, interpret=interpret)
+    print("\n" + "=" * 80 + "\n" + header + table(records))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.txt:
+        os.makedirs(os.path.dirname(os.path.abspath(args.txt)), exist_ok=True)
+        with open(args.txt, "w") as f:
+            f.write(header + table(records) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
