@@ -19,7 +19,8 @@ readout and loss segment by segment, so its temporary memory is ``O(sqrt(T))``.
 The two recurrences are a swappable ``Backend`` (default ``"xla"``: ``lax.scan``): any pair of
 functions with the signatures of ``jax_bptt.unroll.scan_states`` and
 ``jax_bptt.bptt.backward_deltas`` can be registered with ``register_backend`` and picked with
-``backend=`` (e.g. Pallas GPU kernels).
+``backend=`` (e.g. Pallas GPU kernels). ``backend="pallas"`` uses ``jax_bptt.pallas_rnn``'s fused
+kernels; ``backend="auto"`` picks them where they fit on a GPU and the XLA scan elsewhere.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from jax_bptt.cells import get_cell, project_inputs
 from jax_bptt.losses import sequence_loss, term_weights
 from jax_bptt.model import readout
 from jax_bptt.unroll import length_mask, masked_hidden, scan_states
-from jax_bptt.validation import check_inputs
+from jax_bptt.validation import check_inputs, check_model_params
 
 # --------------------------------------------------------------------------------------------
 # Backends
@@ -87,9 +88,29 @@ def register_backend(
 
 
 def check_backend(backend: str) -> str:
+    if backend == "pallas" and backend not in BACKENDS:
+        import jax_bptt.pallas_rnn  # noqa: F401  (registers "pallas" on import)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def choose_backend(backend: str, cell, params, xs) -> str:
+    """Resolve ``backend="auto"``: the fused Pallas kernels where ``pallas_rnn.choose_backend``
+    says they fit (GPU, float32/bfloat16, power-of-2 hidden sizes), the XLA scan elsewhere.
+
+    The default stays ``"xla"`` until the GPU crossover is measured (see pallas_rnn).
+    """
+    if backend != "auto":
+        return check_backend(backend)
+    from jax_bptt import pallas_rnn
+
+    shape = jnp.shape(xs)  # (T, B, D) or (T, D); bad shapes are rejected by the caller's checks
+    num_steps, batch_size = shape[0], (shape[1] if len(shape) == 3 else 1)
+    hidden_size = params["W_hh"].shape[0]
+    return check_backend(
+        pallas_rnn.choose_backend(batch_size, hidden_size, num_steps, get_cell(cell), xs.dtype)
+    )
 
 
 def resolve_unroll(unroll: int | bool | None, backend: str = "xla", platform: str | None = None):
@@ -276,6 +297,7 @@ def unroll_fast(
       >>> jax.grad(loss)(params, jnp.ones((5, 4, 3)))["W_hh"].shape
       (8, 32)
     """
+    backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
     cell, batch = _batched_inputs(cell, params, xs, h0, lengths)
     hs, final = _fast_unroll(
@@ -303,6 +325,7 @@ def unroll_checkpointed(
     ``(T, B, H)``; what is no longer stored are the per-step states, residuals and the
     ``(T, B, G)`` input projection (one GEMM per segment instead of one overall).
     """
+    backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
     cell, batch = _batched_inputs(cell, params, xs, h0, lengths)
     segment_length = _resolve_segment_length(segment_length, batch.xs.shape[0])
@@ -426,6 +449,8 @@ def bptt_fast(
 ) -> Gradients:
     """Loss and gradients (API of ``bptt_auto``) by ``jax.value_and_grad`` through
     ``unroll_fast``. ``unroll=None``: the backend's default for this platform."""
+    check_model_params(params)
+    backend = choose_backend(backend, cell, params["cell"], xs)
     unroll = resolve_unroll(unroll, backend)
     run = _with_checks(functools.partial(_fast_core, backend=backend))
     return run(
@@ -457,6 +482,8 @@ def bptt_checkpointed(
     hand-written backward on it. Costs one extra forward pass. For a loss of your own, use
     ``unroll_checkpointed`` (its outputs ``hs`` are ``(T, B, H)``, so less is saved).
     """
+    check_model_params(params)
+    backend = choose_backend(backend, cell, params["cell"], xs)
     unroll = resolve_unroll(unroll, backend)
     if segment_length is not None:
         _resolve_segment_length(segment_length, 1)  # reject bad values before any work

@@ -729,3 +729,14 @@ def pallas_backward_deltas(
     return _backward_deltas(
         cell, params, h0, mask, states, residuals, d_hs, d_final, reverse, unroll, PallasOptions()
     )
+
+
+def _register() -> None:
+    """Make ``backend="pallas"`` available to ``jax_bptt.fast`` (which never reads d_states)."""
+    from jax_bptt.fast import register_backend
+
+    backend = make_pallas_backend(with_d_states=False)
+    register_backend("pallas", backend.scan_states, backend.backward_deltas, {"gpu": 1})
+
+
+_register()

@@ -217,3 +217,22 @@ def test_choose_backend():
         assert choose_backend(256, 128, 256, ELMAN_TANH, jnp.float32) == "xla"
     assert choose_backend(256, 512, 256, LSTM, jnp.float32) == "xla"
     assert choose_backend(256, 128, 256, ELMAN_TANH, jnp.float64) == "xla"
+
+
+def test_registered_as_fast_path_backend():
+    """``bptt_fast(backend="pallas")`` runs the kernels (interpret mode here) and is exact;
+    ``backend="auto"`` keeps the XLA scan where no GPU is present."""
+    from jax_bptt.check import compare_gradients, random_problem
+    from jax_bptt.fast import BACKENDS, bptt_checkpointed, bptt_fast, choose_backend
+
+    params, xs, targets, kw = random_problem(
+        jax.random.key(0), "gru", steps=5, batch=3, random_lengths=True, dtype=jnp.float64
+    )
+    auto = bptt_auto(params, xs, targets, **kw)
+    assert "pallas" in BACKENDS
+    fast = bptt_fast(params, xs, targets, backend="pallas", **kw)
+    assert compare_gradients(fast, auto, tolerance=1e-10).ok
+    ckpt = bptt_checkpointed(params, xs, targets, backend="pallas", segment_length=2, **kw)
+    assert compare_gradients(ckpt, auto, tolerance=1e-10).ok
+    if jax.default_backend() != "gpu":
+        assert choose_backend("auto", "gru", params["cell"], xs.astype(jnp.float32)) == "xla"
