@@ -7,6 +7,8 @@ scan gives the same gradients explicitly. See the README for a tour.
 from jax_bptt.bptt import Gradients, bptt_auto, bptt_manual, model_loss
 from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell, step
 from jax_bptt.check import GradientReport, check_gradients, compare_gradients
+from jax_bptt.deep import deep_bptt_auto, deep_bptt_fast, deep_bptt_manual, deep_unroll, init_deep
+from jax_bptt.fast import bptt_checkpointed, bptt_fast, unroll_checkpointed, unroll_fast
 from jax_bptt.losses import sequence_loss, sequence_loss_grad
 from jax_bptt.model import init_model, readout
 from jax_bptt.modes import BPTT_MODES, bptt
@@ -24,10 +26,17 @@ __all__ = [
     "Gradients",
     "bptt",
     "bptt_auto",
+    "bptt_checkpointed",
+    "bptt_fast",
     "bptt_manual",
     "check_gradients",
     "compare_gradients",
+    "deep_bptt_auto",
+    "deep_bptt_fast",
+    "deep_bptt_manual",
+    "deep_unroll",
     "get_cell",
+    "init_deep",
     "init_model",
     "model_loss",
     "readout",
@@ -35,4 +44,6 @@ __all__ = [
     "sequence_loss_grad",
     "step",
     "unroll",
+    "unroll_checkpointed",
+    "unroll_fast",
 ]
