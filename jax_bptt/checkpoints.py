@@ -1,0 +1,253 @@
+"""Checkpoints: numpy ``.npz`` arrays (``allow_pickle=False``) plus a JSON metadata file.
+
+A checkpoint directory holds ``checkpoint.json`` and the ``ckpt-<step>.npz`` it names. Every file
+is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``), arrays
+first and metadata last, and the metadata records the arrays' SHA-256, so a run killed at any
+moment leaves either the previous checkpoint or the new one, never a mix or a torn file.
+
+Arrays are stored by position in the flattened pytrees (``params``, ``opt_state``, ``carry``);
+loading unflattens them against templates (``init_model(...)``, ``optimizer.init(params)``), after
+checking the model signature (cell, sizes, dtype, tree structure) and every leaf's shape and dtype,
+so a checkpoint from another model or optimizer fails with a clear error before anything is
+written. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_bptt.cells import get_cell
+
+FORMAT = "jax_bptt-checkpoint-v1"
+METADATA = "checkpoint.json"
+_GROUPS = ("params", "opt_state", "carry")
+
+
+class Checkpoint(NamedTuple):
+    """What ``load_checkpoint`` returns; ``key`` is a typed ``jax.random`` key."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    carry: Any
+    key: jax.Array
+    skipped: int
+    config: dict
+
+
+def _leaf_path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def model_signature(params, cell) -> dict:
+    """What must match for a checkpoint to load into ``params``: cell, sizes, dtype, structure."""
+    cell = get_cell(cell)
+    w_xh, w_hy = params["cell"]["W_xh"], params["readout"]["W_hy"]
+    return {
+        "cell": cell.name,
+        "input_size": int(w_xh.shape[0]),
+        "hidden_size": int(params["cell"]["W_hh"].shape[0]),
+        "output_size": int(w_hy.shape[-1]),
+        "dtype": str(w_xh.dtype),
+        "tree": str(jax.tree_util.tree_structure(params)),
+        "shapes": {
+            _leaf_path(path): list(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        },
+    }
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself must reach the disk for the new file to survive a power cut.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / METADATA).is_file()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    step: int,
+    params,
+    opt_state,
+    key: jax.Array,
+    signature: dict,
+    carry=None,
+    skipped: int = 0,
+    config: dict | None = None,
+) -> Path:
+    """Write a checkpoint of a training run into ``directory`` (created if missing).
+
+    Args:
+      step: number of training steps done.
+      params, opt_state, carry: pytrees of arrays (``carry`` e.g. a truncated-BPTT state).
+      key: the run's ``jax.random`` key (typed or raw ``uint32``).
+      signature: ``model_signature(params, cell)``.
+      skipped: number of updates skipped for a non-finite loss or gradient.
+      config: JSON-serialisable run configuration, stored for reference.
+
+    Returns:
+      The path of the metadata file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays, counts = {}, {}
+    for group, tree in zip(_GROUPS, (params, opt_state, carry), strict=True):
+        leaves = jax.tree_util.tree_leaves(tree)
+        counts[group] = len(leaves)
+        for index, leaf in enumerate(leaves):
+            arrays[f"{group}/{index:05d}"] = np.asarray(leaf)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    array_file = f"ckpt-{step:09d}.npz"
+    atomic_write_bytes(directory / array_file, data)
+
+    if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
+    else:
+        key_data, key_impl = key, None
+    metadata = {
+        "format": FORMAT,
+        "step": int(step),
+        "skipped": int(skipped),
+        "key_data": np.asarray(key_data).astype(np.uint32).tolist(),
+        "key_impl": key_impl,
+        "signature": signature,
+        "leaves": counts,
+        "opt_state_tree": str(jax.tree_util.tree_structure(opt_state)),
+        "arrays": array_file,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "config": config or {},
+    }
+    meta_path = directory / METADATA
+    atomic_write_json(meta_path, metadata)
+    for stale in directory.glob("ckpt-*.npz"):  # only after the new metadata is in place
+        if stale.name != array_file:
+            stale.unlink(missing_ok=True)
+    return meta_path
+
+
+def _signature_diff(saved: dict, expected: dict) -> list[str]:
+    return [
+        f"{name}: checkpoint has {saved.get(name)!r}, this run has {expected.get(name)!r}"
+        for name in sorted(set(saved) | set(expected))
+        if saved.get(name) != expected.get(name)
+    ]
+
+
+def _restore(group: str, template, arrays, count: int, where: str):
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    if len(leaves) != count:
+        raise ValueError(
+            f"checkpoint {where} has {count} {group} arrays but this run's {group} has "
+            f"{len(leaves)} (a different optimizer or model?)"
+        )
+    restored = []
+    for index, leaf in enumerate(leaves):
+        saved = arrays[f"{group}/{index:05d}"]
+        want_shape, want_dtype = np.shape(leaf), np.asarray(leaf).dtype
+        if saved.shape != want_shape or saved.dtype != want_dtype:
+            raise ValueError(
+                f"checkpoint {where}: {group} leaf {index} is {saved.dtype}{list(saved.shape)} "
+                f"but this run expects {want_dtype}{list(want_shape)}"
+            )
+        restored.append(jnp.asarray(saved))
+    return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / METADATA
+    with open(path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {metadata.get('format')!r})")
+    return metadata
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    params_template,
+    opt_state_template,
+    signature: dict,
+    carry_template=None,
+) -> Checkpoint:
+    """Read the checkpoint in ``directory`` into the structure of the templates.
+
+    Args:
+      params_template: params of the model being resumed (e.g. ``init_model(...)``).
+      opt_state_template: ``optimizer.init(params_template)``.
+      signature: ``model_signature(params_template, cell)``; must equal the saved one.
+      carry_template: the structure of the saved carry (None if no carry was saved).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``directory``.
+      ValueError: incompatible model/optimizer/carry, or arrays that fail their checksum.
+    """
+    directory = Path(directory)
+    if not has_checkpoint(directory):
+        raise FileNotFoundError(f"no checkpoint ({METADATA}) in {directory}")
+    metadata = read_metadata(directory)
+    where = str(directory)
+    diff = _signature_diff(metadata["signature"], signature)
+    if diff:
+        raise ValueError(
+            f"checkpoint in {where} is from an incompatible model:\n  " + "\n  ".join(diff)
+        )
+    array_path = directory / metadata["arrays"]
+    data = array_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != metadata["sha256"]:
+        raise ValueError(f"checkpoint arrays {array_path} do not match their recorded SHA-256")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    counts = metadata["leaves"]
+    params = _restore("params", params_template, arrays, counts["params"], where)
+    opt_state = _restore("opt_state", opt_state_template, arrays, counts["opt_state"], where)
+    carry = _restore("carry", carry_template, arrays, counts["carry"], where)
+    key_data = jnp.asarray(np.asarray(metadata["key_data"], np.uint32))
+    impl = metadata["key_impl"]
+    key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
+    return Checkpoint(
+        metadata["step"], params, opt_state, carry, key, metadata["skipped"], metadata["config"]
+    )
