@@ -10,6 +10,10 @@ The IRNN is ``elman_relu`` with ``recurrent_init="identity"`` and zero bias. Eve
 trained with full BPTT (the loss sits at the last step only, so truncating would cut the gradient
 off from the first marker) by the ``--bptt`` implementation.
 
+``--layers N``, ``--bidirectional``, ``--dropout p`` (between layers) and ``--residual`` (from the
+second layer on) train stacked models (``jax_bptt.deep``, ``--bptt`` auto, manual or fast);
+``--devices N`` trains data-parallel (``jax_bptt.parallel``; the batch must be a multiple of N).
+
     python experiments/adding_problem.py                          # full sweep: long on a CPU
     python experiments/adding_problem.py --lengths 50,100 --steps 1500
 
@@ -27,15 +31,20 @@ import time
 
 import jax
 from common import (
+    MODEL_DEFAULTS,
     MODELS,
     add_common_args,
+    add_model_args,
     check_bptt,
     check_optimizer,
+    describe_model,
     device_info,
+    eval_loss,
     fresh_dir,
     make_run_dir,
     markdown_table,
     parse_ints,
+    parse_model_args,
     parse_models,
     plot_curves,
     train_model,
@@ -43,7 +52,6 @@ from common import (
 )
 
 from jax_bptt import tasks
-from jax_bptt.bptt import model_loss
 from jax_bptt.cells import get_cell
 
 SOLVED_FRACTION = 0.1  # solved: test MSE < 0.1 * baseline
@@ -65,6 +73,11 @@ class Config:
     eval_every: int = 100
     bptt: str = "manual"
     seed: int = 0
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    residual: bool | str = False  # or "except_first": layers 1.. add their input
+    devices: int | None = None  # data-parallel devices (None: one device, no mesh)
 
 
 QUICK = dict(lengths=(8,), steps=10, batch=8, hidden=8, test_size=32, eval_every=5)
@@ -73,6 +86,7 @@ QUICK = dict(lengths=(8,), steps=10, batch=8, hidden=8, test_size=32, eval_every
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
+    add_model_args(parser)
     defaults = Config()
     parser.add_argument("--models", default=",".join(defaults.models), help="tanh,irnn,lstm,gru")
     parser.add_argument("--lengths", default=None, help="comma-separated T, e.g. 50,100,200,400")
@@ -102,30 +116,27 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         bptt=check_bptt(args.bptt or defaults.bptt),
         seed=args.seed,
     )
+    options = parse_model_args(args, batch=config.batch, bptt=config.bptt)
+    config = dataclasses.replace(config, **options)
     if min(config.lengths) < 2:
         raise SystemExit("error: --lengths must be >= 2")
     return config, args
 
 
-def make_eval_fn(cell_name: str, xs, targets):
+def make_eval_fn(cell_name: str, xs, targets, residual=False):
     cell = get_cell(cell_name)
 
     @jax.jit
     def test_mse(params):
-        h0 = cell.zero_state((xs.shape[1],), params["cell"]["W_hh"].shape[0], xs.dtype)
-        return model_loss(
-            params,
-            h0,
-            xs,
-            targets,
-            None,
-            cell=cell,
-            loss="mse",
-            placement="last_step",
-            reduction="mean",
+        return eval_loss(
+            params, xs, targets, cell=cell, loss="mse", placement="last_step", residual=residual
         )
 
     return lambda params: {"test_mse": test_mse(params)}
+
+
+def model_options(config: Config) -> dict:
+    return {name: getattr(config, name) for name in MODEL_DEFAULTS}
 
 
 def main(argv=None) -> dict:
@@ -137,8 +148,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     print(
         f"adding problem: models {config.models}, T in {config.lengths}, {config.steps} steps, "
-        f"bptt={config.bptt}; baseline MSE {baseline:.4f}, solved below {threshold:.4f}; "
-        f"writing to {run_dir}"
+        f"bptt={config.bptt}, {describe_model(model_options(config))}; baseline MSE "
+        f"{baseline:.4f}, solved below {threshold:.4f}; writing to {run_dir}"
     )
     rows, curves = [], {}
     for seq_len in config.lengths:
@@ -157,7 +168,7 @@ def main(argv=None) -> dict:
                 loss="mse",
                 placement="last_step",
                 batch_fn=batch_fn,
-                eval_fn=make_eval_fn(cell_name, test_xs, test_ys),
+                eval_fn=make_eval_fn(cell_name, test_xs, test_ys, config.residual),
                 steps=config.steps,
                 optimizer=config.optimizer,
                 lr=lrs.get(model, config.lr),
@@ -165,6 +176,7 @@ def main(argv=None) -> dict:
                 bptt=config.bptt,
                 seed=config.seed,
                 eval_every=config.eval_every,
+                options=model_options(config),
                 progress=not args.no_progress,
                 desc=f"{model} T={seq_len}",
             )
@@ -208,6 +220,7 @@ def main(argv=None) -> dict:
         "experiment": "adding_problem",
         "config": dataclasses.asdict(config),
         "bptt_mode": config.bptt,
+        "model_options": model_options(config),
         "truncation": "none (full BPTT; the loss is at the last step only)",
         "baseline_mse": baseline,
         "solved_threshold_mse": threshold,

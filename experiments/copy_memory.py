@@ -11,6 +11,10 @@ Inputs are one-hot encoded token ids (the core API takes float inputs); targets 
 Every model is trained with full BPTT by the ``--bptt`` implementation (no truncation: the
 symbols must be carried across the whole delay).
 
+``--layers N``, ``--bidirectional``, ``--dropout p`` (between layers) and ``--residual`` (from the
+second layer on) train stacked models (``jax_bptt.deep``, ``--bptt`` auto, manual or fast);
+``--devices N`` trains data-parallel (``jax_bptt.parallel``; the batch must be a multiple of N).
+
     python experiments/copy_memory.py                            # T = 50 and 100
     python experiments/copy_memory.py --delays 50 --steps 2000 --models lstm,gru
 
@@ -28,17 +32,22 @@ import time
 import jax
 import jax.numpy as jnp
 from common import (
+    MODEL_DEFAULTS,
     MODELS,
     add_common_args,
+    add_model_args,
     check_bptt,
     check_optimizer,
+    describe_model,
     device_info,
     fresh_dir,
     make_run_dir,
     markdown_table,
     parse_ints,
+    parse_model_args,
     parse_models,
     plot_curves,
+    predict,
     train_model,
     write_json,
 )
@@ -46,8 +55,6 @@ from common import (
 from jax_bptt import tasks
 from jax_bptt.cells import get_cell
 from jax_bptt.losses import sequence_loss
-from jax_bptt.model import readout
-from jax_bptt.unroll import unroll
 
 BEATS_FRACTION = 0.9  # beats the baseline: test loss < 0.9 * baseline
 NUM_SYMBOLS, COPY_LENGTH = 8, 10
@@ -68,6 +75,11 @@ class Config:
     eval_every: int = 100
     bptt: str = "manual"
     seed: int = 0
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    residual: bool | str = False  # or "except_first": layers 1.. add their input
+    devices: int | None = None  # data-parallel devices (None: one device, no mesh)
 
 
 QUICK = dict(delays=(5,), steps=10, batch=8, hidden=8, test_size=32, eval_every=5)
@@ -76,6 +88,7 @@ QUICK = dict(delays=(5,), steps=10, batch=8, hidden=8, test_size=32, eval_every=
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
+    add_model_args(parser)
     defaults = Config()
     parser.add_argument("--models", default=",".join(defaults.models), help="tanh,irnn,lstm,gru")
     parser.add_argument("--delays", default=None, help="comma-separated T, e.g. 50,100")
@@ -105,6 +118,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         bptt=check_bptt(args.bptt or defaults.bptt),
         seed=args.seed,
     )
+    options = parse_model_args(args, batch=config.batch, bptt=config.bptt)
+    config = dataclasses.replace(config, **options)
     return config, args
 
 
@@ -125,14 +140,13 @@ def make_batch_fn(batch: int, delay: int):
     return batch_fn
 
 
-def make_eval_fn(cell_name: str, inputs, targets):
+def make_eval_fn(cell_name: str, inputs, targets, residual=False):
     cell = get_cell(cell_name)
     xs = encode(inputs)
 
     @jax.jit
     def evaluate(params):
-        hs, _ = unroll(cell, params["cell"], xs)
-        ys = readout(params["readout"], hs)
+        ys = predict(params, xs, cell=cell, residual=residual)
         loss = sequence_loss(
             ys, targets, loss="cross_entropy", placement="per_step", reduction="mean"
         )
@@ -142,6 +156,10 @@ def make_eval_fn(cell_name: str, inputs, targets):
     return evaluate
 
 
+def model_options(config: Config) -> dict:
+    return {name: getattr(config, name) for name in MODEL_DEFAULTS}
+
+
 def main(argv=None) -> dict:
     config, args = parse_args(argv)
     run_dir = fresh_dir(make_run_dir("copy_memory", args.out))
@@ -149,7 +167,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     print(
         f"copy memory: models {config.models}, delays {config.delays}, {config.steps} steps, "
-        f"bptt={config.bptt}; writing to {run_dir}"
+        f"bptt={config.bptt}, {describe_model(model_options(config))}; writing to {run_dir}"
     )
     rows, curves = [], {}
     for delay in config.delays:
@@ -168,7 +186,7 @@ def main(argv=None) -> dict:
                 loss="cross_entropy",
                 placement="per_step",
                 batch_fn=batch_fn,
-                eval_fn=make_eval_fn(MODELS[model][0], test_inputs, test_targets),
+                eval_fn=make_eval_fn(MODELS[model][0], test_inputs, test_targets, config.residual),
                 steps=config.steps,
                 optimizer=config.optimizer,
                 lr=lrs.get(model, config.lr),
@@ -176,6 +194,7 @@ def main(argv=None) -> dict:
                 bptt=config.bptt,
                 seed=config.seed,
                 eval_every=config.eval_every,
+                options=model_options(config),
                 progress=not args.no_progress,
                 desc=f"{model} T={delay}",
             )
@@ -224,6 +243,7 @@ def main(argv=None) -> dict:
         "experiment": "copy_memory",
         "config": dataclasses.asdict(config),
         "bptt_mode": config.bptt,
+        "model_options": model_options(config),
         "truncation": "none (full BPTT over the whole sequence)",
         "beats_fraction": BEATS_FRACTION,
         "results": rows,

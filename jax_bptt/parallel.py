@@ -281,11 +281,12 @@ def data_parallel_step(
 ) -> Callable:
     """Run a ``make_train_step`` step data-parallel over ``mesh``; same call signature.
 
-    ``step(params, opt_state, xs, targets, h0=None, lengths=None) -> (params, opt_state,
-    StepInfo)``: the batch arguments are split with ``shard_batch`` (``placement`` must be the
-    train step's), params and optimizer state replicated (no copy when already placed), and the
-    unchanged ``train_step`` is traced inside a ``jax.jit`` whose outputs are constrained to
-    params and optimizer state replicated and ``StepInfo.carry`` batch-sharded.
+    ``step(params, opt_state, xs, targets, h0=None, lengths=None, key=None) -> (params,
+    opt_state, StepInfo)``: the batch arguments are split with ``shard_batch`` (``placement``
+    must be the train step's), params, optimizer state and the dropout ``key`` replicated (no
+    copy when already placed), and the unchanged ``train_step`` is traced inside a ``jax.jit``
+    whose outputs are constrained to params and optimizer state replicated and
+    ``StepInfo.carry`` batch-sharded.
     """
     axis_name = _axis_of(mesh, axis_name)
     batch_dims(placement)  # validates placement now
@@ -293,8 +294,9 @@ def data_parallel_step(
     state_sharding = batch_sharding(mesh, 0, axis_name)
 
     @jax.jit
-    def sharded_step(params, opt_state, batch):
-        params, opt_state, info = train_step(params, opt_state, **batch)
+    def sharded_step(params, opt_state, batch, key=None):
+        extra = {} if key is None else {"key": key}  # the dropout key of deep models
+        params, opt_state, info = train_step(params, opt_state, **batch, **extra)
         constrain = jax.lax.with_sharding_constraint
         params = constrain(params, replicated_sharding)
         opt_state = constrain(opt_state, replicated_sharding)
@@ -302,13 +304,15 @@ def data_parallel_step(
             info = info._replace(carry=constrain(info.carry, state_sharding))
         return params, opt_state, info
 
-    def step(params, opt_state, xs, targets, h0=None, lengths=None):
+    def step(params, opt_state, xs, targets, h0=None, lengths=None, key=None):
         batch = {"xs": xs, "targets": targets, "h0": h0, "lengths": lengths}
         batch = {name: value for name, value in batch.items() if value is not None}
         batch = shard_batch(batch, mesh, placement=placement, axis_name=axis_name)
-        return sharded_step(replicate(params, mesh), replicate(opt_state, mesh), batch)
+        key = None if key is None else replicate(key, mesh)
+        return sharded_step(replicate(params, mesh), replicate(opt_state, mesh), batch, key)
 
     step.mesh = mesh
+    step.needs_key = getattr(train_step, "needs_key", False)
     step.jitted = sharded_step  # for inspection: step.jitted.lower(params, opt_state, batch)
     return step
 

@@ -5,13 +5,19 @@ import math
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from jax_bptt import deep_unroll, init_deep, readout
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 import adding_problem  # noqa: E402
 import char_lm  # noqa: E402
+import common  # noqa: E402
 import copy_memory  # noqa: E402
 
 
@@ -38,6 +44,27 @@ def test_char_lm_quick(tmp_path):
         _quick(char_lm, out)
     with pytest.raises(SystemExit, match="bptt: 'auto' -> 'manual'"):
         _quick(char_lm, out, "--resume", "--bptt", "manual")
+    with pytest.raises(SystemExit, match="layers: 1 -> 2"):  # a 1-layer run stays 1-layer
+        _quick(char_lm, out, "--resume", "--layers", "2")
+    samples = (out / "samples.txt").read_text()
+    assert samples.count("[The ]") == 2  # the prompt once per sample (two evaluations)
+
+
+def test_char_lm_quick_deep_data_parallel(tmp_path):
+    """A 2-layer LSTM with dropout and a residual connection, through the data-parallel step;
+    the samples come from the stacked model."""
+    out = tmp_path / "deep"
+    flags = ["--layers", "2", "--dropout", "0.1", "--residual", "--devices", "1"]
+    summary = _quick(char_lm, out, *flags, "--steps", "4", "--eval-every", "4")
+    options = {"layers": 2, "bidirectional": False, "dropout": 0.1, "residual": "except_first"}
+    assert summary["model_options"] == {**options, "devices": 1}
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert {name: saved[name] for name in options} == options
+    assert math.isfinite(summary["final_val_nats"]) and summary["steps"] == 4
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["signature"]["num_layers"] == 2 and meta["signature"]["residual"] == "except_first"
+    (sample,) = (out / "samples.txt").read_text().split("===")[2:]
+    assert sample.strip().startswith("[The ]") and len(sample.strip()) > len("[The ]")
 
 
 def test_adding_problem_quick(tmp_path):
@@ -68,6 +95,14 @@ def test_copy_memory_quick(tmp_path):
         (char_lm, ["--bptt", "magic"], "unknown --bptt mode 'magic'"),
         (char_lm, ["--k1", "8", "--k2", "4"], "k2"),
         (char_lm, ["--resume"], "--resume needs the --out"),
+        (char_lm, ["--bidirectional"], "--bidirectional does not apply"),
+        (char_lm, ["--dropout", "0.2"], "--dropout acts between stacked layers"),
+        (char_lm, ["--layers", "2", "--k2", "128"], "k1 == k2"),
+        (adding_problem, ["--layers", "0"], "--layers must be >= 1"),
+        (adding_problem, ["--devices", "3"], r"batch \(50\) must be a multiple of --devices 3"),
+        (copy_memory, ["--devices", "64"], "--devices 64 but JAX sees"),
+        (copy_memory, ["--residual"], "--residual adds"),
+        (copy_memory, ["--bidirectional", "--bptt", "checkpointed"], "no stacked/bidirectional"),
         (adding_problem, ["--models", "tanh,rnn"], "unknown model 'rnn'"),
         (adding_problem, ["--lengths", "50,x"], "--lengths must be comma-separated integers"),
         (copy_memory, ["--models", "lstm", "--optimizer", "adamax"], "unknown optimizer"),
@@ -76,3 +111,25 @@ def test_copy_memory_quick(tmp_path):
 def test_bad_flags_give_clear_errors(module, flags, message):
     with pytest.raises(SystemExit, match=message):
         module.parse_args(flags)
+
+
+def test_deep_greedy_sampling_matches_rerunning_the_prefix():
+    """sample_deep carries every layer's state; the reference reruns the whole prefix."""
+    vocab = 5
+    params = init_deep(jax.random.key(2), "gru", vocab, 8, vocab, num_layers=2, dtype=jnp.float64)
+    prompt = [1, 4, 0]
+    tokens = common.sample(
+        params,
+        jax.random.key(0),
+        np.array(prompt),
+        4,
+        cell="gru",
+        temperature=0.0,
+        residual="except_first",
+    )
+    ids = list(prompt)
+    for _ in range(4):
+        xs = jax.nn.one_hot(jnp.array(ids), vocab, dtype=jnp.float64)
+        outputs, _ = deep_unroll("gru", params, xs, residual="except_first")
+        ids.append(int(jnp.argmax(readout(params["readout"], outputs[-1]))))
+    assert np.asarray(tokens).tolist() == ids[len(prompt) :]

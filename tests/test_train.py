@@ -1,4 +1,5 @@
-"""Train step, optimizers and clipping, NaN guard, checkpoints, exact resume, sampling."""
+"""Train step, optimizers and clipping, NaN guard, checkpoints, exact resume, sampling; deep
+(stacked, bidirectional, dropout) models through the same step and fit loop."""
 
 import functools
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jax_bptt import bptt_auto, init_model, modes
+from jax_bptt import bptt_auto, init_deep, init_model, modes
 from jax_bptt.cells import get_cell, step
 from jax_bptt.check import relative_error
 from jax_bptt.checkpoints import (
@@ -20,8 +21,18 @@ from jax_bptt.checkpoints import (
     read_metadata,
     save_checkpoint,
 )
+from jax_bptt.deep import dropout_masks
 from jax_bptt.generate import generate
-from jax_bptt.train import fit, make_optimizer, make_train_step
+from jax_bptt.train import (
+    DEEP_BPTT_MODES,
+    DROPOUT_KEY_TAG,
+    fit,
+    make_optimizer,
+    make_train_step,
+    run_signature,
+    zero_carry,
+)
+from jax_bptt.unroll import unroll
 
 TOL = 1e-10
 T, B, D, H, OUT = 6, 3, 2, 4, 2
@@ -124,21 +135,84 @@ def test_make_optimizer_and_train_step_reject_bad_names():
 
 
 # --------------------------------------------------------------------------------------------
+# Deep models: the same step over init_deep params
+
+DEEP = dict(cell="gru", num_layers=2, bidirectional=True, dropout=0.25)
+
+
+def _rbg_key(seed):
+    # XLA's RngBitGenerator: the dropout masks compile in a fraction of threefry's time.
+    return jax.random.key(seed, impl="rbg")
+
+
+def test_deep_models_train_alike_in_every_deep_mode():
+    """A 2-layer bidirectional GRU with dropout: auto, manual and fast give the same curve."""
+    _, xs, targets = _regression()
+    params = init_deep(
+        jax.random.key(0), "gru", D, H, OUT, num_layers=2, bidirectional=True, dtype=jnp.float64
+    )
+    optimizer = optax.sgd(0.2)
+    keys = [_rbg_key(seed) for seed in range(3)]
+    runs = {}
+    for mode in DEEP_BPTT_MODES:
+        train_step = make_train_step(optimizer, loss="mse", mode=mode, **DEEP)
+        assert train_step.needs_key
+        p, state, losses = params, optimizer.init(params), []
+        for key in keys:
+            p, state, info = train_step(p, state, xs, targets, key=key)
+            losses.append(float(info.loss))
+        runs[mode] = (p, losses, train_step)
+    p_auto, loss_auto, step_auto = runs["auto"]
+    assert loss_auto[-1] < loss_auto[0]
+    for mode in ("manual", "fast"):
+        np.testing.assert_allclose(runs[mode][1], loss_auto, rtol=TOL, atol=0)
+        _assert_close(runs[mode][0], p_auto)
+    # The key draws the dropout masks: another key, another update.
+    state = optimizer.init(params)
+    one, _, _ = step_auto(params, state, xs, targets, key=keys[0])
+    other, _, _ = step_auto(params, state, xs, targets, key=keys[1])
+    assert not _leaves_equal(one, other)
+    with pytest.raises(ValueError, match="needs a PRNG key per step"):
+        step_auto(params, state, xs, targets)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_layers": 0}, "num_layers must be a positive int"),
+        ({"num_layers": 2, "dropout": 1.0}, "dropout must be in"),
+        ({"num_layers": 2, "dropout": -0.1}, "dropout must be in"),
+        ({"dropout": 0.5}, "dropout=0.5 acts between stacked layers"),
+        ({"num_layers": 2, "residual": "yes"}, "residual must be one of"),
+        ({"num_layers": 2, "mode": "checkpointed"}, "mode='checkpointed' has no deep"),
+        ({"num_layers": 2, "truncation": (2, 4)}, "k1 == k2"),
+        ({"bidirectional": True, "truncation": (4, 4)}, "bidirectional=False"),
+    ],
+)
+def test_deep_train_step_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_train_step(optax.sgd(0.1), **{"cell": "gru", **kwargs})
+
+
+def test_deep_train_step_rejects_params_of_another_layout():
+    params, xs, targets = _regression()
+    train_step = make_train_step(optax.sgd(0.1), cell="lstm", num_layers=2)
+    with pytest.raises(TypeError, match="init_deep params"):
+        train_step(params, (), xs, targets)
+    three = init_deep(jax.random.key(0), "lstm", D, H, OUT, num_layers=3, dtype=jnp.float64)
+    with pytest.raises(ValueError, match="params have 3 layers"):
+        train_step(three, (), xs, targets)
+
+
+# --------------------------------------------------------------------------------------------
 # Fit loop: streams with truncated BPTT and a carried state (the hardest case to resume)
 
 STREAM_T, K1 = 64, 4
 
 
-@functools.lru_cache(maxsize=1)  # one train_step for every fit: compiled once
-def _stream_setup():
-    """A toy next-token stream: 2 streams of ids in [0, 5), one-hot inputs, BPTT(4, 4)."""
+def _stream_batch_fn(zero):
+    """Windows of a toy next-token stream: 2 streams of ids in [0, 5), one-hot inputs."""
     ids = np.asarray(jax.random.randint(jax.random.key(3), (STREAM_T + 1, 2), 0, 5), np.int32)
-    params = init_model(jax.random.key(4), "lstm", 5, 6, 5)  # float32, as in experiments
-    optimizer = make_optimizer("adam", 0.02, clip_norm=1.0)
-    train_step = make_train_step(
-        optimizer, cell="lstm", loss="cross_entropy", mode="manual", truncation=(K1, K1)
-    )
-    zero = get_cell("lstm").zero_state((2,), 6, jnp.float32)
 
     def batch_fn(key, step_index, carry):
         del key  # the stream is read in order
@@ -150,21 +224,56 @@ def _stream_setup():
             "h0": zero if start == 0 else carry,
         }
 
-    return params, optimizer, train_step, batch_fn, zero
+    return batch_fn
 
 
-def _fit(run_dir, num_steps, batch_fn=None, resume=False, params=None, **kwargs):
-    base_params, optimizer, train_step, base_batch_fn, zero = _stream_setup()
+@functools.lru_cache(maxsize=1)  # one train_step for every fit: compiled once
+def _stream_setup():
+    """An LSTM on the toy stream with BPTT(4, 4)."""
+    params = init_model(jax.random.key(4), "lstm", 5, 6, 5)  # float32, as in experiments
+    optimizer = make_optimizer("adam", 0.02, clip_norm=1.0)
+    train_step = make_train_step(
+        optimizer, cell="lstm", loss="cross_entropy", mode="manual", truncation=(K1, K1)
+    )
+    zero = get_cell("lstm").zero_state((2,), 6, jnp.float32)
+    return params, optimizer, train_step, _stream_batch_fn(zero), zero
+
+
+DEEP_STREAM = dict(num_layers=2, dropout=0.2, residual="except_first")
+
+
+@functools.lru_cache(maxsize=1)
+def _deep_stream_setup():
+    """A 2-layer LSTM with dropout and a residual connection on the same stream, BPTT(4, 4)."""
+    params = init_deep(jax.random.key(4), "lstm", 5, 6, 5, num_layers=2)
+    optimizer = make_optimizer("adam", 0.02, clip_norm=1.0)
+    train_step = make_train_step(
+        optimizer,
+        cell="lstm",
+        loss="cross_entropy",
+        mode="manual",
+        truncation=(K1, K1),
+        **DEEP_STREAM,
+    )
+    zero = zero_carry(params, "lstm", 2)
+    return params, optimizer, train_step, _stream_batch_fn(zero), zero
+
+
+def _fit(
+    run_dir, num_steps, batch_fn=None, resume=False, params=None, setup=_stream_setup, **kwargs
+):
+    base_params, optimizer, train_step, base_batch_fn, zero = setup()
     params = base_params if params is None else params
+    kwargs.setdefault("key", jax.random.key(0))
+    residual = DEEP_STREAM["residual"] if "layers" in params else False
     return fit(
         train_step,
         params,
         optimizer,
         batch_fn or base_batch_fn,
         num_steps=num_steps,
-        key=jax.random.key(0),
         run_dir=run_dir,
-        signature=model_signature(params, "lstm"),
+        signature=run_signature(params, "lstm", residual=residual),
         config={"test": True},
         init_carry=zero,
         checkpoint_every=4,
@@ -240,7 +349,51 @@ def test_existing_run_is_never_overwritten(tmp_path):
     other = init_model(jax.random.key(1), "lstm", 5, 7, 5)
     with pytest.raises(ValueError, match="hidden_size: checkpoint has 6, this run has 7"):
         _fit(run, 8, resume=True, params=other)
+    # A 1-layer checkpoint never resumes into a 2-layer run.
+    deep = init_deep(jax.random.key(1), "lstm", 5, 6, 5, num_layers=2)
+    with pytest.raises(ValueError, match="num_layers: checkpoint has None, this run has 2"):
+        _fit(run, 8, resume=True, params=deep)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_deep_truncated_fit_carries_every_layer_and_resumes_bitwise(tmp_path):
+    params, optimizer, train_step, batch_fn, zero = _deep_stream_setup()
+    run_key = _rbg_key(0)
+    deep_fit = functools.partial(_fit, setup=_deep_stream_setup, key=run_key)
+
+    # fit's first step is the step with the documented dropout key.
+    first = deep_fit(tmp_path / "first", 1)
+    data_key = jax.random.fold_in(run_key, 0)
+    batch = batch_fn(data_key, 0, zero)
+    dropout_key = jax.random.fold_in(data_key, DROPOUT_KEY_TAG)
+    direct, _, info = train_step(params, optimizer.init(params), **batch, key=dropout_key)
+    assert _leaves_equal(first.params, direct) and _leaves_equal(first.carry, info.carry)
+
+    # The carry is every layer's final state, composed here from single-layer unrolls with the
+    # same dropout mask between the layers (the residual path does not touch the states).
+    (mask,) = dropout_masks(dropout_key, DEEP_STREAM["dropout"], params["layers"], batch["xs"])
+    hs, final_0 = unroll("lstm", params["layers"][0]["fwd"], batch["xs"])
+    _, final_1 = unroll("lstm", params["layers"][1]["fwd"], hs * mask)
+    expected = [{"fwd": final_0}, {"fwd": final_1}]
+    assert jax.tree_util.tree_structure(info.carry) == jax.tree_util.tree_structure(expected)
+    leaves = zip(
+        jax.tree_util.tree_leaves(info.carry), jax.tree_util.tree_leaves(expected), strict=True
+    )
+    for got, want in leaves:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # float32 forward
+
+    full = deep_fit(tmp_path / "full", 8)
+
+    def dies_at_step_6(key, step_index, carry):
+        if step_index == 6:
+            raise Killed
+        return batch_fn(key, step_index, carry)
+
+    with pytest.raises(Killed):
+        deep_fit(tmp_path / "resumed", 8, batch_fn=dies_at_step_6)
+    resumed = deep_fit(tmp_path / "resumed", 8, resume=True)
+    for name in ("params", "opt_state", "carry"):
+        assert _leaves_equal(getattr(resumed, name), getattr(full, name)), name
 
 
 # --------------------------------------------------------------------------------------------
