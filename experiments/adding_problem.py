@@ -33,19 +33,13 @@ import jax
 from common import (
     MODEL_DEFAULTS,
     MODELS,
-    add_common_args,
-    add_model_args,
-    check_bptt,
-    check_optimizer,
     describe_model,
     device_info,
     eval_loss,
     fresh_dir,
     make_run_dir,
     markdown_table,
-    parse_ints,
-    parse_model_args,
-    parse_models,
+    parse_sweep_args,
     plot_curves,
     train_model,
     write_json,
@@ -84,40 +78,14 @@ QUICK = dict(lengths=(8,), steps=10, batch=8, hidden=8, test_size=32, eval_every
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser)
-    add_model_args(parser)
-    defaults = Config()
-    parser.add_argument("--models", default=",".join(defaults.models), help="tanh,irnn,lstm,gru")
-    parser.add_argument("--lengths", default=None, help="comma-separated T, e.g. 50,100,200,400")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--optimizer", default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--lr-irnn", type=float, default=dict(defaults.lr_overrides)["irnn"])
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--eval-every", type=int, default=None)
-    args = parser.parse_args(argv)
-    overrides = dict(QUICK) if args.quick else {}
-    if args.lengths is not None:
-        overrides["lengths"] = tuple(parse_ints("--lengths", args.lengths))
-    for name in ("steps", "batch", "hidden", "eval_every"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    config = dataclasses.replace(
-        defaults,
-        **overrides,
-        models=tuple(parse_models(args.models)),
-        optimizer=check_optimizer(args.optimizer),
-        lr=args.lr,
-        lr_overrides=(("irnn", args.lr_irnn),),
-        clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
-        bptt=check_bptt(args.bptt or defaults.bptt),
-        seed=args.seed,
+    config, args = parse_sweep_args(
+        argv,
+        description=__doc__.split("\n\n")[0],
+        defaults=Config(),
+        quick=QUICK,
+        sizes="lengths",
+        sizes_help="comma-separated T, e.g. 50,100,200,400",
     )
-    options = parse_model_args(args, batch=config.batch, bptt=config.bptt)
-    config = dataclasses.replace(config, **options)
     if min(config.lengths) < 2:
         raise SystemExit("error: --lengths must be >= 2")
     return config, args

@@ -6,6 +6,7 @@ them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -147,6 +148,49 @@ def parse_model_args(args, *, batch: int, bptt: str, defaults=None, causal: bool
                 f"--xla_force_host_platform_device_count={devices} splits it into {devices}"
             )
     return options
+
+
+def parse_sweep_args(argv, *, description: str, defaults, quick: dict, sizes: str, sizes_help: str):
+    """The command line shared by the model sweeps (adding problem, copy memory).
+
+    ``defaults`` is the experiment's config dataclass instance; ``sizes`` names its field of
+    swept sequence lengths (``"lengths"``, ``"delays"``), exposed as ``--<sizes>``. Returns
+    ``(config, args)``, ``config`` being ``defaults`` with the flags (and ``quick`` under
+    ``--quick``) applied.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_common_args(parser)
+    add_model_args(parser)
+    parser.add_argument("--models", default=",".join(defaults.models), help="tanh,irnn,lstm,gru")
+    parser.add_argument(f"--{sizes}", default=None, help=sizes_help)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--optimizer", default=defaults.optimizer)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr-irnn", type=float, default=dict(defaults.lr_overrides)["irnn"])
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    parser.add_argument("--eval-every", type=int, default=None)
+    args = parser.parse_args(argv)
+    overrides = dict(quick) if args.quick else {}
+    if getattr(args, sizes) is not None:
+        overrides[sizes] = tuple(parse_ints(f"--{sizes}", getattr(args, sizes)))
+    for name in ("steps", "batch", "hidden", "eval_every"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    config = dataclasses.replace(
+        defaults,
+        **overrides,
+        models=tuple(parse_models(args.models)),
+        optimizer=check_optimizer(args.optimizer),
+        lr=args.lr,
+        lr_overrides=(("irnn", args.lr_irnn),),
+        clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
+        bptt=check_bptt(args.bptt or defaults.bptt),
+        seed=args.seed,
+    )
+    options = parse_model_args(args, batch=config.batch, bptt=config.bptt)
+    return dataclasses.replace(config, **options), args
 
 
 def describe_model(options: dict) -> str:
