@@ -55,10 +55,7 @@ def prepare(params, xs, targets, *, cell, loss, placement, reduction, lengths, h
     targets = check_targets(
         targets, loss, placement, num_steps, batch_size, output_size, batch.batched
     )
-    h0 = batch.h0
-    if h0 is None:
-        h0 = cell.zero_state((batch_size,), params["cell"]["W_hh"].shape[0], batch.xs.dtype)
-    return cell, batch._replace(h0=h0, targets=targets)
+    return cell, batch._replace(targets=targets)
 
 
 def _unbatch(grads: Gradients, batched: bool) -> Gradients:

@@ -339,9 +339,6 @@ def jacobian_norms(
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
     batch = check_inputs(cell, cell_params, xs, h0, lengths)
     state0 = batch.h0
-    if state0 is None:
-        hidden_size = cell_params["W_hh"].shape[0]
-        state0 = cell.zero_state((batch.xs.shape[1],), hidden_size, batch.xs.dtype)
     if method == "exact":
         norms = _exact_norms(cell_params, state0, batch.xs, batch.lengths, cell=cell)
     else:

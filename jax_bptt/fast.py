@@ -37,7 +37,7 @@ from jax_bptt.bptt import _STATIC, Gradients, _with_checks, backward_deltas, cel
 from jax_bptt.cells import get_cell, project_inputs
 from jax_bptt.losses import sequence_loss, term_weights
 from jax_bptt.model import readout
-from jax_bptt.unroll import length_mask, masked_hidden, scan_states
+from jax_bptt.unroll import length_mask, masked_hidden, scan_states, unbatched_outputs
 from jax_bptt.validation import check_inputs, check_model_params
 
 # --------------------------------------------------------------------------------------------
@@ -266,22 +266,6 @@ _checkpointed_unroll.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 # Public unrolls (the API of jax_bptt.unroll.unroll)
 
 
-def _batched_inputs(cell, params, xs, h0, lengths):
-    """Validate an unroll's arguments: ``(cell, batch)`` with a batch axis and ``h0`` filled in."""
-    cell = get_cell(cell)
-    batch = check_inputs(cell, params, xs, h0, lengths)
-    if batch.h0 is None:
-        h0 = cell.zero_state((batch.xs.shape[1],), params["W_hh"].shape[0], batch.xs.dtype)
-        batch = batch._replace(h0=h0)
-    return cell, batch
-
-
-def _unbatched_outputs(hs, final, batched: bool):
-    if batched:
-        return hs, final
-    return hs[:, 0], jax.tree_util.tree_map(lambda a: a[0], final)
-
-
 def unroll_fast(
     cell, params, xs, h0=None, lengths=None, *, reverse=False, unroll=None, backend="xla"
 ):
@@ -299,11 +283,12 @@ def unroll_fast(
     """
     backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
-    cell, batch = _batched_inputs(cell, params, xs, h0, lengths)
+    cell = get_cell(cell)
+    batch = check_inputs(cell, params, xs, h0, lengths)
     hs, final = _fast_unroll(
         cell, backend, bool(reverse), unroll, params, batch.xs, batch.h0, batch.lengths
     )
-    return _unbatched_outputs(hs, final, batch.batched)
+    return unbatched_outputs(hs, final, batch.batched)
 
 
 def unroll_checkpointed(
@@ -327,13 +312,14 @@ def unroll_checkpointed(
     """
     backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
-    cell, batch = _batched_inputs(cell, params, xs, h0, lengths)
+    cell = get_cell(cell)
+    batch = check_inputs(cell, params, xs, h0, lengths)
     segment_length = _resolve_segment_length(segment_length, batch.xs.shape[0])
     hs, final = _checkpointed_unroll(
         cell, backend, bool(reverse), unroll, segment_length,
         params, batch.xs, batch.h0, batch.lengths,
     )  # fmt: skip
-    return _unbatched_outputs(hs, final, batch.batched)
+    return unbatched_outputs(hs, final, batch.batched)
 
 
 # --------------------------------------------------------------------------------------------

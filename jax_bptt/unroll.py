@@ -78,16 +78,15 @@ def unroll(cell, params, xs, h0=None, lengths=None, *, reverse=False, unroll=1):
     """
     cell = get_cell(cell)
     batch = check_inputs(cell, params, xs, h0, lengths)
-    xs = batch.xs
-    h0 = batch.h0
-    if h0 is None:
-        h0 = cell.zero_state((xs.shape[1],), params["W_hh"].shape[0], xs.dtype)
-    mask = length_mask(batch.lengths, xs.shape[0])
+    mask = length_mask(batch.lengths, batch.xs.shape[0])
     final, (states, _) = scan_states(
-        cell, params, project_inputs(params, xs), h0, mask, reverse, unroll
+        cell, params, project_inputs(params, batch.xs), batch.h0, mask, reverse, unroll
     )
-    hs = masked_hidden(cell, states, mask)
-    if not batch.batched:
-        hs = hs[:, 0]
-        final = jax.tree_util.tree_map(lambda a: a[0], final)
-    return hs, final
+    return unbatched_outputs(masked_hidden(cell, states, mask), final, batch.batched)
+
+
+def unbatched_outputs(hs, final, batched: bool):
+    """Drop the batch axis ``check_inputs`` added to a single ``(T, D)`` sequence."""
+    if batched:
+        return hs, final
+    return hs[:, 0], jax.tree_util.tree_map(lambda a: a[0], final)

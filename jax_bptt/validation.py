@@ -25,7 +25,7 @@ class Batch(NamedTuple):
     """Inputs brought to the batched, time-major layout; ``batched`` says whether to undo it."""
 
     xs: jax.Array  # (t b d)
-    h0: Any  # state pytree of (b h) arrays, or None
+    h0: Any  # state pytree of (b h) arrays (zeros when none was given)
     lengths: jax.Array | None  # (b,) int
     targets: jax.Array | None
     batched: bool
@@ -57,7 +57,8 @@ def check_inputs(cell: Cell, cell_params: dict, xs, h0=None, lengths=None) -> Ba
 
     Args:
       xs: ``(T, B, D)`` or ``(T, D)`` for one unbatched sequence; floating point.
-      h0: initial state with leaves ``(B, H)`` (``(H,)`` unbatched), or None for zeros.
+      h0: initial state with leaves ``(B, H)`` (``(H,)`` unbatched), or None for zeros (the
+        returned ``Batch.h0`` is then the cell's zero state).
       lengths: ``(B,)`` integers in ``[0, T]`` (a scalar when unbatched), or None.
     """
     if not hasattr(xs, "dtype") or not hasattr(xs, "shape"):
@@ -117,6 +118,8 @@ def check_inputs(cell: Cell, cell_params: dict, xs, h0=None, lengths=None) -> Ba
                     f"and max {values.max()}"
                 )
         lengths = jnp.reshape(jnp.asarray(lengths), (batch_size,))
+    if h0 is None:
+        h0 = cell.zero_state((batch_size,), hidden_size, xs.dtype)
     return Batch(xs, h0, lengths, None, batched)
 
 
