@@ -8,9 +8,15 @@ all params, the inputs and the initial state, in float32. Modes:
                 (``jax_bptt.cells.step``): the textbook baseline
   auto_hoisted  jax.grad through the scan with the input projection hoisted (``bptt_auto``)
   manual        the hand-written reverse scan called directly (``bptt_manual``)
-  fast          jax.grad through ``unroll_fast`` (custom_vjp; ``bptt_fast``), unroll=1
+  fast          jax.grad through ``unroll_fast`` (custom_vjp; ``bptt_fast``), unroll=1, the
+                platform's default backward chunking (``jax_bptt.fast.default_chunk_length``)
+  fast_one_chunk  the same with the backward in one chunk (``chunk_length=T``), unroll=1
   fast_u{k}     the same with ``lax.scan(unroll=k)``; "fast+unroll" is the best k of the point
   checkpointed  ``bptt_checkpointed``: segment-boundary states only, default segment ceil(sqrt T)
+  gemm_floor    not BPTT: only the matrix products every exact BPTT of this model must run, in
+                the same two sequential loops, with one tanh per step as the only gate math
+                (``gemm_floor``). No implementation built from XLA's GEMMs can beat it, so
+                ``gemm_floor / auto`` bounds the speed-up over ``auto`` that is possible here
 
 Peers, when installed: PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` (cuDNN on a GPU;
 ``--device``) and Flax ``nn.RNN`` with ``SimpleCell``/``OptimizedLSTMCell``/``GRUCell`` + ``Dense``.
@@ -69,6 +75,7 @@ from jax_bptt import (  # noqa: E402
     readout,
     sequence_loss,
 )
+from jax_bptt.bptt import sum_outer  # noqa: E402
 from jax_bptt.cells import step  # noqa: E402
 from jax_bptt.fast import (  # noqa: E402
     bptt_checkpointed,
@@ -89,7 +96,6 @@ FULL_LONG = (16, 256, 16384, 64)
 QUICK_LONG = (4, 32, 16384, 8)
 CELLS = ("elman_tanh", "lstm", "gru")
 UNROLLS = (1, 2, 4, 8, 16)
-LONG_MODES = ("auto", "auto_hoisted", "fast", "checkpointed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +146,43 @@ def plain_scan_loss(cell, params, h0, xs, targets):
     return sequence_loss(ys, targets, loss="mse", placement="per_step", reduction="mean")
 
 
+def gemm_floor(params, h0, xs, targets):
+    """The GEMMs of exact BPTT and (almost) nothing else; returns arrays of the gradients' shapes.
+
+    Input projection ``(T B D)(D G)``; T sequential ``(B H)(H G)`` forward products; the readout's
+    three; T sequential ``(B G)(G H)`` backward products; ``dW_hh``, ``dW_xh``, ``d xs`` as single
+    GEMMs (``sum_outer``, the library's fastest form). Stored per step: ``h (T B H)`` forward,
+    ``d (T B G)`` backward, as the fast path must. Gate math is replaced by one tanh (forward)
+    and one multiply (backward) per step, so the values stay bounded and nothing is folded away.
+    """
+    cell, ro = params["cell"], params["readout"]
+    hidden, gates = cell["W_hh"].shape
+    h0 = jax.tree_util.tree_leaves(h0)[0]
+    xp = xs @ cell["W_xh"]
+
+    def forward(h, xp_t):
+        h = jnp.tanh((h @ cell["W_hh"] + xp_t)[:, :hidden])
+        return h, h
+
+    _, hs = jax.lax.scan(forward, h0, xp)
+    d_ys = readout(ro, hs) - targets
+    d_hs = d_ys @ ro["W_hy"].T
+
+    def backward(d_h, inputs):
+        d_hs_t, h_t = inputs
+        d = jnp.tile((d_h + d_hs_t) * h_t, gates // hidden)
+        return d @ cell["W_hh"].T, d
+
+    d_h0, ds = jax.lax.scan(backward, jnp.zeros_like(h0), (d_hs, hs), reverse=True)
+    h_prev = jnp.concatenate([h0[None], hs[:-1]])
+    d_params = {
+        "W_hh": sum_outer(h_prev, ds),
+        "W_xh": sum_outer(xs, ds),
+        "W_hy": sum_outer(hs, d_ys),
+    }
+    return d_params, d_h0, ds @ cell["W_xh"].T
+
+
 def jax_candidates(cell_name: str, modes, unrolls) -> dict:
     cell = get_cell(cell_name)
 
@@ -158,10 +201,14 @@ def jax_candidates(cell_name: str, modes, unrolls) -> dict:
         elif mode == "fast":
             for k in unrolls:
                 out["fast" if k == 1 else f"fast_u{k}"] = library(bptt_fast, unroll=k)
+        elif mode == "fast_one_chunk":
+            out[mode] = library(bptt_fast, unroll=1, chunk_length=2**31)  # clipped to T
         elif mode == "fast_default":
             out[mode] = library(bptt_fast)  # the backend's default unroll on this platform
         elif mode == "checkpointed":
             out[mode] = library(bptt_checkpointed)
+        elif mode == "gemm_floor":
+            out[mode] = jax.jit(gemm_floor)
         else:
             raise ValueError(f"unknown mode {mode!r}")
     return out
@@ -410,6 +457,38 @@ def unroll_summary(records) -> str:
     return "\n".join(lines)
 
 
+def targets_summary(records) -> str:
+    """Per grid point, the fast path against the targets: <= 0.5 x auto, faster than Flax (and
+    than cuDNN for H >= 512 on a GPU). Beside it ``gemm_floor / auto``: at the same unroll (1),
+    the best ratio any implementation made of XLA's GEMMs could reach on this device."""
+    points = {}
+    for r in records:
+        by = points.setdefault((r["cell"], r["B"], r["H"], r["T"], r["D"]), {})
+        by[r["impl"] if r["impl"] in ("torch", "flax") else r["mode"]] = r
+    lines = [
+        "",
+        "targets, wall time (fast: best unroll k of the point; k=1 and the floor: unroll 1)",
+        f"  {'cell':<11} {'B,H,T,D':<16} {'fast/auto':>9} {'<=0.5':>6} {'k=1/auto':>9}"
+        f" {'floor/auto':>10} {'fast/flax':>9} {'<1':>4} {'fast/torch':>10}",
+    ]
+    for (cell, *size), by in points.items():
+        fast, auto = by.get("fast+unroll") or by.get("fast"), by.get("auto")
+        if fast is None or auto is None:
+            continue
+        ms = {name: by[name]["ms"] if name in by else None for name in by}
+        to_flax = fast["ms"] / ms["flax"] if ms.get("flax") else None
+        lines.append(
+            f"  {cell:<11} {','.join(map(str, size)):<16} {_ratio(fast['ms'], auto['ms']):>9}"
+            f" {'yes' if fast['ms'] <= 0.5 * auto['ms'] else 'no':>6}"
+            f" {_ratio(ms.get('fast'), auto['ms']):>9}"
+            f" {_ratio(ms.get('gemm_floor'), auto['ms']):>10}"
+            f" {_ratio(fast['ms'], ms.get('flax')):>9}"
+            f" {'-' if to_flax is None else ('yes' if to_flax < 1 else 'no'):>4}"
+            f" {_ratio(fast['ms'], ms.get('torch')):>10}"
+        )
+    return "\n".join(lines) if len(lines) > 3 else ""
+
+
 def long_summary(records) -> str:
     """The checkpointing targets: temp memory vs auto, time vs the fast path, per cell."""
     lines = []
@@ -463,7 +542,15 @@ def full_report(records, args) -> str:
     header = make_header(
         first["device"], first["versions"], threads, repeats.get(False), repeats.get(True)
     )
-    text = "\n".join([table(records, header), unroll_summary(records), long_summary(records), ""])
+    text = "\n".join(
+        [
+            table(records, header),
+            unroll_summary(records),
+            targets_summary(records),
+            long_summary(records),
+            "",
+        ]
+    )
     return "\n".join(line.rstrip() for line in text.split("\n"))
 
 
@@ -530,7 +617,8 @@ def main(argv=None):
     if args.sizes:
         grid = [tuple(int(v) for v in size.split(",")) for size in args.sizes]
     records = []
-    modes = ("auto", "auto_hoisted", "manual", "fast", "checkpointed")
+    modes = ("auto", "auto_hoisted", "manual", "fast", "fast_one_chunk", "checkpointed")
+    modes += ("gemm_floor",)
     if not args.no_grid:
         for size in grid:
             for cell in args.cells:
@@ -541,7 +629,7 @@ def main(argv=None):
                 print(table(got, "").lstrip("\n"), flush=True)
     if not args.no_long:
         long_size = QUICK_LONG if args.quick else FULL_LONG
-        long_modes = ("auto", "auto_hoisted", "fast_default", "checkpointed")
+        long_modes = ("auto", "auto_hoisted", "fast_default", "fast_one_chunk", "checkpointed")
         for cell in args.cells:
             got = measure_point(cell, long_size, long_modes, (1,), args.long_repeats, False, "")
             records += got

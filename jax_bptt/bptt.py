@@ -204,6 +204,22 @@ def backward_deltas(
     return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states)
 
 
+def sum_outer(a: jax.Array, c: jax.Array) -> jax.Array:
+    """``sum_tb a_tb^T c_tb``: ``(t b m), (t b n) -> (m n)``, one GEMM over all ``(t, b)`` rows.
+
+    A ``dot_general`` contracting the leading axes in order (so a batch-sharded ``b`` becomes a
+    partial sum plus one all-reduce, with no reshape across the sharded axis). The smaller
+    operand goes first: XLA:CPU lays the first operand out transposed with a copy before the
+    GEMM, and ``einsum("tbh,tbg->hg")`` (contracting ``b, t``) copies both, which made a weight
+    gradient up to 2x slower (measured in jax 0.10.2).
+    """
+    leading = tuple(range(a.ndim - 1))
+    dims = ((leading, leading), ((), ()))
+    if a.size <= c.size:
+        return jax.lax.dot_general(a, c, dims)
+    return jax.lax.dot_general(c, a, dims).T
+
+
 def cell_grads(cell: Cell, params, xs, deltas: Deltas):
     """``(d_params, d_xs)`` from the deltas: one GEMM each over all (t, b).
 
@@ -211,8 +227,8 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
     dx_t  = d xp_t W_xh^T
     """
     d_params = {
-        "W_xh": jnp.einsum("tbd,tbg->dg", xs, deltas.d_xp),
-        "W_hh": jnp.einsum("tbh,tbg->hg", deltas.h_prev, deltas.d_hp),
+        "W_xh": sum_outer(xs, deltas.d_xp),
+        "W_hh": sum_outer(deltas.h_prev, deltas.d_hp),
         **cell.bias_grads(deltas.d_xp.sum((0, 1)), deltas.d_hp.sum((0, 1))),
     }
     return d_params, deltas.d_xp @ params["W_xh"].T
@@ -292,7 +308,7 @@ def _manual_core(
         unroll=unroll,
     )
     # Readout: one GEMM each for its weights, over all steps at once.
-    d_readout = {"W_hy": jnp.einsum("tbh,tbo->ho", fwd.hs, fwd.d_ys), "b_y": fwd.d_ys.sum((0, 1))}
+    d_readout = {"W_hy": sum_outer(fwd.hs, fwd.d_ys), "b_y": fwd.d_ys.sum((0, 1))}
     d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
     d_cell, d_h0, d_xs = backward_scan(
         cell,

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bptt.bptt import Gradients, _unbatch, backward_scan
+from jax_bptt.bptt import Gradients, _unbatch, backward_scan, sum_outer
 from jax_bptt.cells import Cell, get_cell, project_inputs
 from jax_bptt.fast import unroll_fast
 from jax_bptt.losses import sequence_loss, sequence_loss_grad
@@ -487,7 +487,7 @@ def _deep_manual_core(
     loss_kw = dict(loss=loss, placement=placement, reduction=reduction, lengths=loss_lengths)
     value = sequence_loss(ys, targets, **loss_kw)
     d_ys = sequence_loss_grad(ys, targets, **loss_kw)
-    d_readout = {"W_hy": jnp.einsum("tbf,tbo->fo", features, d_ys), "b_y": d_ys.sum((0, 1))}
+    d_readout = {"W_hy": sum_outer(features, d_ys), "b_y": d_ys.sum((0, 1))}
     d_features = d_ys @ ro["W_hy"].T
     if placement == "per_step":
         d_out = d_features

@@ -6,7 +6,9 @@ which keeps each step's state and residuals); its backward is the hand-written r
 (``backward_deltas``), which carries only ``d state``, followed by one GEMM per weight gradient
 and one for ``d xs`` (``cell_grads``). Users differentiate their own loss with ``jax.grad``; the
 gradient w.r.t. params, ``xs`` and ``h0`` is exact, including the final state's cotangent.
-``jax.jvp`` (forward mode) is not available through a ``custom_vjp``.
+``jax.jvp`` (forward mode) is not available through a ``custom_vjp``. On CPU the backward runs
+in chunks of ``chunk_length`` steps (``default_chunk_length``): a chunk's reverse scan, then its
+weight-gradient GEMMs while its ``d xp`` is still in cache, carrying ``d state`` to the next chunk.
 
 ``unroll_checkpointed`` trades compute for memory on long sequences: the forward keeps only the
 state at each segment boundary (``ceil(T / K)`` of them, ``K = ceil(sqrt(T))`` by default); the
@@ -127,6 +129,46 @@ def resolve_unroll(unroll: int | bool | None, backend: str = "xla", platform: st
     return unroll
 
 
+# The fast path's backward runs the reverse scan and the weight-gradient GEMMs chunk by chunk where
+# the platform has an entry: a chunk's ``d xp`` (chunk_length, B, G) is then still in cache when
+# its GEMMs read it. cpu: 2 MiB per chunk; 5-17% faster than one chunk wherever the whole
+# ``(T, B, G)`` buffer is larger than that (``experiments/results/bench_cpu.txt``). gpu/tpu: not
+# listed, so one chunk: there the single large GEMMs are the point.
+CHUNK_BYTES = {"cpu": 2 * 2**20}
+
+
+def default_chunk_length(
+    num_steps: int, batch_size: int, gate_width: int, itemsize: int, platform: str | None = None
+) -> int:
+    """The largest power of two ``K`` with ``K * B * G * itemsize <= CHUNK_BYTES[platform]``,
+    or ``T`` (one chunk) where the platform has no entry or ``K >= T``."""
+    platform = jax.default_backend() if platform is None else platform
+    budget = CHUNK_BYTES.get(platform)
+    if budget is None or num_steps == 0:
+        return max(num_steps, 1)
+    per_step = max(1, batch_size * gate_width * itemsize)
+    chunk = 1 << max(0, (budget // per_step).bit_length() - 1)
+    return min(chunk, num_steps)
+
+
+def check_chunk_length(chunk_length: int | None) -> None:
+    if chunk_length is None:
+        return
+    if isinstance(chunk_length, bool) or not isinstance(chunk_length, int) or chunk_length < 1:
+        raise ValueError(f"chunk_length must be None or an int >= 1, got {chunk_length!r}")
+
+
+def resolve_chunk_length(chunk_length: int | None, params, xs) -> int:
+    """``chunk_length`` itself (clipped to ``[1, T]``), or for None the platform's default for
+    the validated, batched ``xs (T, B, D)`` and cell ``params``."""
+    check_chunk_length(chunk_length)
+    num_steps, batch_size = xs.shape[:2]
+    if chunk_length is None:
+        gate_width = params["W_hh"].shape[-1]
+        return default_chunk_length(num_steps, batch_size, gate_width, xs.dtype.itemsize)
+    return max(1, min(chunk_length, num_steps))
+
+
 def default_segment_length(num_steps: int) -> int:
     """``ceil(sqrt(T))``: about ``2 sqrt(T)`` stored states in all (boundaries + one segment)."""
     return max(1, math.ceil(math.sqrt(num_steps)))
@@ -148,13 +190,16 @@ def _resolve_segment_length(segment_length: int | None, num_steps: int) -> int:
 # unroll_fast: custom_vjp whose backward is the hand-written reverse scan
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fast_unroll(cell, backend, reverse, unroll, params, xs, h0, lengths):
-    """``(hs, final_state)`` on validated, batched inputs: ``xs (t b d)``, ``lengths (b,)``/None."""
-    return _fast_fwd(cell, backend, reverse, unroll, params, xs, h0, lengths)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fast_unroll(cell, backend, reverse, unroll, chunk_length, params, xs, h0, lengths):
+    """``(hs, final_state)`` on validated, batched inputs: ``xs (t b d)``, ``lengths (b,)``/None.
+
+    ``chunk_length`` (resolved, >= 1) only changes how the backward is scheduled."""
+    return _fast_fwd(cell, backend, reverse, unroll, chunk_length, params, xs, h0, lengths)[0]
 
 
-def _fast_fwd(cell, backend, reverse, unroll, params, xs, h0, lengths):
+def _fast_fwd(cell, backend, reverse, unroll, chunk_length, params, xs, h0, lengths):
+    del chunk_length
     mask = length_mask(lengths, xs.shape[0])
     xp = project_inputs(params, xs)  # (t b g): one GEMM for every step
     final, (states, residuals) = BACKENDS[backend].scan_states(
@@ -164,15 +209,84 @@ def _fast_fwd(cell, backend, reverse, unroll, params, xs, h0, lengths):
     return (masked_hidden(cell, states, mask), final), saved
 
 
-def _fast_bwd(cell, backend, reverse, unroll, saved, cotangents):
+def _fast_bwd(cell, backend, reverse, unroll, chunk_length, saved, cotangents):
     params, xs, h0, lengths, states, residuals = saved
     d_hs, d_final = cotangents
     mask = length_mask(lengths, xs.shape[0])
-    deltas = BACKENDS[backend].backward_deltas(
-        cell, params, h0, mask, states, residuals, d_hs, d_final, reverse=reverse, unroll=unroll
-    )
-    d_params, d_xs = cell_grads(cell, params, xs, deltas)
-    return d_params, d_xs, deltas.d_h0, None  # lengths are integers: no cotangent
+
+    def backward(d_state, before, xs_k, mask_k, states_k, residuals_k, d_hs_k):
+        """One chunk: the reverse scan from ``d_state``, then its weight-gradient GEMMs."""
+        deltas = BACKENDS[backend].backward_deltas(
+            cell, params, before, mask_k, states_k, residuals_k, d_hs_k, d_state,
+            reverse=reverse, unroll=unroll,
+        )  # fmt: skip
+        d_params, d_xs_k = cell_grads(cell, params, xs_k, deltas)
+        return deltas.d_h0, d_params, d_xs_k
+
+    per_step = (xs, mask, states, residuals, d_hs)
+    if chunk_length >= xs.shape[0]:
+        d_h0, d_params, d_xs = backward(d_final, h0, *per_step)
+    else:
+        d_h0, d_params, d_xs = _in_chunks(backward, chunk_length, reverse, h0, d_final, per_step)
+    return d_params, d_xs, d_h0, None  # lengths are integers: no cotangent
+
+
+def _in_chunks(backward, chunk_length: int, reverse: bool, h0, d_final, per_step):
+    """Run ``backward`` over ``chunk_length``-step chunks in the backward's order, carrying
+    ``d state`` and summing the weight gradients: the same sums as one chunk, in a different
+    order. ``T = S * K + R``: a ``lax.scan`` over the S full chunks, and the R-step rest on its
+    own (first when the backward runs from the end, last when it runs from step 0)."""
+    tree_map = jax.tree_util.tree_map
+    num_steps = per_step[0].shape[0]
+    num_chunks = num_steps // chunk_length
+    split = num_chunks * chunk_length
+    states = per_step[2]
+    # The state before each chunk's first step in the forward's order.
+    k = chunk_length
+    if reverse:  # chunk [a, b) starts at b - 1: state_b, or h0 for b = T
+        boundaries = tree_map(
+            lambda s0, s: jnp.concatenate([s, s0[None]])[k : split + 1 : k], h0, states
+        )
+        rest_before = h0
+    else:  # chunk [a, b) starts at a: state_{a-1}, or h0 for a = 0
+        boundaries = tree_map(
+            lambda s0, s: jnp.concatenate([s0[None], s[k - 1 : split - 1 : k]]), h0, states
+        )
+        rest_before = tree_map(lambda s: s[split - 1], states)
+    full = tree_map(lambda a: a[:split].reshape(num_chunks, chunk_length, *a.shape[1:]), per_step)
+    rest = tree_map(lambda a: a[split:], per_step)
+
+    def body(carry, inputs):
+        d_state, d_params = carry
+        d_state, d_params_k, d_xs_k = backward(d_state, *inputs)
+        return (d_state, tree_map(jnp.add, d_params, d_params_k)), d_xs_k
+
+    def scan_full(d_state, d_params):
+        (d_state, d_params), d_xs = jax.lax.scan(
+            body, (d_state, d_params), (boundaries, *full), reverse=not reverse
+        )
+        return d_state, d_params, d_xs.reshape(split, *d_xs.shape[2:])
+
+    has_rest = split < num_steps
+    if reverse:  # the backward runs from step 0: full chunks first, then the rest
+        d_state, d_params, d_xs = scan_full(d_final, _zero_grads(backward, h0, per_step))
+        if has_rest:
+            d_state, d_params_r, d_xs_r = backward(d_state, rest_before, *rest)
+            d_params = tree_map(jnp.add, d_params, d_params_r)
+            d_xs = jnp.concatenate([d_xs, d_xs_r])
+        return d_state, d_params, d_xs
+    if not has_rest:
+        return scan_full(d_final, _zero_grads(backward, h0, per_step))
+    d_state, d_params, d_xs_r = backward(d_final, rest_before, *rest)
+    d_state, d_params, d_xs = scan_full(d_state, d_params)
+    return d_state, d_params, jnp.concatenate([d_xs, d_xs_r])
+
+
+def _zero_grads(backward, h0, per_step):
+    """Zeros shaped like ``backward``'s weight gradients (traced abstractly, nothing runs)."""
+    one_step = jax.tree_util.tree_map(lambda a: a[:1], per_step)
+    shapes = jax.eval_shape(lambda: backward(h0, h0, *one_step)[1])
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 _fast_unroll.defvjp(_fast_fwd, _fast_bwd)
@@ -267,13 +381,24 @@ _checkpointed_unroll.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 
 def unroll_fast(
-    cell, params, xs, h0=None, lengths=None, *, reverse=False, unroll=None, backend="xla"
+    cell,
+    params,
+    xs,
+    h0=None,
+    lengths=None,
+    *,
+    reverse=False,
+    unroll=None,
+    backend="xla",
+    chunk_length=None,
 ):
     """``jax_bptt.unroll.unroll`` whose gradient (``jax.grad``/``jax.vjp``) is the hand-written
     reverse scan: same arguments, returns ``(hs (T, B, H), final_state)``.
 
     ``unroll=None`` picks the backend's default for the current platform (``resolve_unroll``);
-    ``backend`` names an entry of ``BACKENDS``.
+    ``backend`` names an entry of ``BACKENDS``. ``chunk_length``: the backward runs its reverse
+    scan and weight-gradient GEMMs this many steps at a time (the same sums in another order);
+    None picks the platform's default (``default_chunk_length``: one chunk except on CPU).
 
     Example:
       >>> params = init_model(jax.random.key(0), "lstm", 3, 8, 2)["cell"]
@@ -284,10 +409,13 @@ def unroll_fast(
     backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
     cell = get_cell(cell)
+    check_chunk_length(chunk_length)
     batch = check_inputs(cell, params, xs, h0, lengths)
+    chunk_length = resolve_chunk_length(chunk_length, params, batch.xs)
     hs, final = _fast_unroll(
-        cell, backend, bool(reverse), unroll, params, batch.xs, batch.h0, batch.lengths
-    )
+        cell, backend, bool(reverse), unroll, chunk_length,
+        params, batch.xs, batch.h0, batch.lengths,
+    )  # fmt: skip
     return unbatched_outputs(hs, final, batch.batched)
 
 
@@ -342,11 +470,13 @@ def _gradients(unroll_core, params, h0, xs, targets, lengths, **loss_kw) -> Grad
     return Gradients(value, d_params, d_h0, d_xs)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "backend"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "backend", "chunk_length"))
 def _fast_core(
-    params, h0, xs, targets, lengths, *, cell, loss, placement, reduction, unroll, backend
-):
-    core = functools.partial(_fast_unroll, cell, backend, False, unroll)
+    params, h0, xs, targets, lengths, *, cell, loss, placement, reduction, unroll, backend,
+    chunk_length,
+):  # fmt: skip
+    chunk_length = resolve_chunk_length(chunk_length, params["cell"], xs)
+    core = functools.partial(_fast_unroll, cell, backend, False, unroll, chunk_length)
     loss_kw = dict(loss=loss, placement=placement, reduction=reduction)
     return _gradients(core, params, h0, xs, targets, lengths, **loss_kw)
 
@@ -381,7 +511,9 @@ def _segmented_loss(
     def segment(state, inputs):
         xs_k, targets_k, start = inputs
         local = None if lengths is None else lengths - start
-        hs, final = _fast_unroll(cell, backend, False, unroll, params["cell"], xs_k, state, local)
+        hs, final = _fast_unroll(
+            cell, backend, False, unroll, segment_length, params["cell"], xs_k, state, local
+        )  # one chunk: the segment is short already
         ys = readout(params["readout"], hs)
         value = sequence_loss(
             ys, targets_k if per_step else targets,
@@ -432,13 +564,15 @@ def bptt_fast(
     h0=None,
     unroll=None,
     backend="xla",
+    chunk_length=None,
 ) -> Gradients:
     """Loss and gradients (API of ``bptt_auto``) by ``jax.value_and_grad`` through
-    ``unroll_fast``. ``unroll=None``: the backend's default for this platform."""
+    ``unroll_fast``. ``unroll=None``, ``chunk_length=None``: this platform's defaults."""
     check_model_params(params)
+    check_chunk_length(chunk_length)
     backend = choose_backend(backend, cell, params["cell"], xs)
     unroll = resolve_unroll(unroll, backend)
-    run = _with_checks(functools.partial(_fast_core, backend=backend))
+    run = _with_checks(functools.partial(_fast_core, backend=backend, chunk_length=chunk_length))
     return run(
         params, xs, targets, cell=cell, loss=loss, placement=placement, reduction=reduction,
         lengths=lengths, h0=h0, unroll=unroll,

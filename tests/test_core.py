@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jax_bptt as jb
+from jax_bptt.bptt import sum_outer
 from jax_bptt.check import compare_gradients, random_problem
 
 CELL_NAMES = sorted(jb.CELLS)
@@ -288,6 +289,21 @@ def test_gradients_inside_user_jit():
     got = manual(params, xs, lengths)
     want = jb.bptt_auto(params, xs, targets, lengths=lengths, **kw)
     _assert_close(compare_gradients(got, want, tolerance=1e-10))
+
+
+@pytest.mark.parametrize(
+    "shapes", [((5, 3, 4), (5, 3, 7)), ((5, 3, 7), (5, 3, 4)), ((6, 2), (6, 5))]
+)
+def test_sum_outer_is_the_sum_over_leading_axes(shapes):
+    """Both operand orders (the smaller goes first), 2-D and 3-D, against a NumPy loop."""
+    rng = np.random.default_rng(0)
+    a, c = (rng.normal(size=shape) for shape in shapes)
+    rows = zip(a.reshape(-1, a.shape[-1]), c.reshape(-1, c.shape[-1]), strict=True)
+    want = sum(np.outer(x, y) for x, y in rows)
+    got = sum_outer(jnp.asarray(a, F64), jnp.asarray(c, F64))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    empty = sum_outer(jnp.zeros((0, 3, 4)), jnp.zeros((0, 3, 7)))
+    np.testing.assert_array_equal(empty, np.zeros((4, 7)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 import adding_problem  # noqa: E402
+import bench  # noqa: E402
 import char_lm  # noqa: E402
 import common  # noqa: E402
 import copy_memory  # noqa: E402
@@ -133,3 +134,48 @@ def test_deep_greedy_sampling_matches_rerunning_the_prefix():
         outputs, _ = deep_unroll("gru", params, xs, residual="except_first")
         ids.append(int(jnp.argmax(readout(params["readout"], outputs[-1]))))
     assert np.asarray(tokens).tolist() == ids[len(prompt) :]
+
+
+def test_bench_smoke_run_writes_records(tmp_path):
+    """A one-point benchmark run: every mode measured, the documented JSON fields, the reports."""
+    out = tmp_path / "bench.json"
+    flags = ["--sizes", "2,4,3,2", "--cells", "gru", "--no-long", "--no-peers", "--repeats", "1"]
+    records = bench.main(
+        [*flags, "--unrolls", "1", "2", "--json", str(out), "--txt", str(out) + ".txt"]
+    )
+    modes = {r["mode"] for r in records}
+    assert {
+        "auto",
+        "auto_hoisted",
+        "manual",
+        "fast",
+        "fast_u2",
+        "checkpointed",
+        "gemm_floor",
+    } <= modes
+    for r in json.loads(out.read_text()):
+        assert {
+            "impl",
+            "cell",
+            "mode",
+            "B",
+            "H",
+            "T",
+            "D",
+            "ms",
+            "temp_bytes",
+            "device",
+            "versions",
+        } <= set(r)
+        assert r["ms"] > 0
+    text = Path(str(out) + ".txt").read_text()
+    assert "targets, wall time" in text and "gemm_floor" in text
+
+
+def test_gemm_floor_has_the_gradients_shapes():
+    params, h0, xs, ys = bench.jax_inputs("lstm", 3, 4, 5, 2)
+    d_params, d_h0, d_xs = bench.gemm_floor(params, h0, xs, ys)
+    assert d_params["W_hh"].shape == params["cell"]["W_hh"].shape
+    assert d_params["W_xh"].shape == params["cell"]["W_xh"].shape
+    assert d_params["W_hy"].shape == params["readout"]["W_hy"].shape
+    assert d_h0.shape == h0[0].shape and d_xs.shape == xs.shape

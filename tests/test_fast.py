@@ -17,6 +17,7 @@ from jax_bptt.fast import (
     bptt_checkpointed,
     bptt_fast,
     compiled_temp_bytes,
+    default_chunk_length,
     default_segment_length,
     register_backend,
     resolve_unroll,
@@ -111,6 +112,56 @@ def test_jax_grad_of_user_loss(cell, reverse):
     reference = value_and_grads(unroll)
     assert_close(value_and_grads(unroll_fast), reference)
     assert_close(value_and_grads(unroll_checkpointed, segment_length=2), reference)
+
+
+@functools.lru_cache
+def _user_loss_reference(cell, reverse):
+    params, xs, _, h0 = random_problem(cell, seed=1)
+    fn = functools.partial(unroll, cell, reverse=reverse)
+    loss = jax.value_and_grad(functools.partial(user_loss, fn), argnums=(0, 1, 2))
+    return loss(params["cell"], xs, h0, LENGTHS)
+
+
+@pytest.mark.parametrize("cell", ["elman_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunk_length", [1, 2, 3])  # T = 7: 2 and 3 leave a shorter last chunk
+def test_backward_in_chunks_equals_auto(cell, reverse, chunk_length):
+    """The chunked backward (carried d state, summed weight gradients, the rest chunk first or
+    last by direction) gives jax.grad's gradients for params, xs, h0 and the final state."""
+    params, xs, _, h0 = random_problem(cell, seed=1)
+    fn = functools.partial(unroll_fast, cell, reverse=reverse, chunk_length=chunk_length)
+    loss = jax.value_and_grad(functools.partial(user_loss, fn), argnums=(0, 1, 2))
+    assert_close(
+        jax.jit(loss)(params["cell"], xs, h0, LENGTHS), _user_loss_reference(cell, reverse)
+    )
+
+
+def test_bptt_fast_in_chunks_equals_auto():
+    params, xs, ys, h0 = random_problem("gru")
+    kw = dict(cell="gru", lengths=LENGTHS, h0=h0)
+    report = compare_gradients(
+        bptt_fast(params, xs, ys, chunk_length=3, **kw), bptt_auto(params, xs, ys, **kw)
+    )
+    assert report.ok, report.table()
+
+
+def test_default_chunk_length():
+    """2 MiB of ``d xp`` per chunk on CPU, rounded down to a power of two; one chunk elsewhere."""
+    assert default_chunk_length(256, 64, 512, 4, platform="cpu") == 16  # 128 KiB per step
+    assert default_chunk_length(16384, 4, 96, 4, platform="cpu") == 1024
+    assert default_chunk_length(128, 16, 256, 4, platform="cpu") == 128  # fits: one chunk
+    assert default_chunk_length(10, 4096, 4096, 8, platform="cpu") == 1
+    assert default_chunk_length(256, 64, 512, 4, platform="gpu") == 256
+    assert default_chunk_length(0, 64, 512, 4, platform="cpu") == 1
+
+
+@pytest.mark.parametrize("chunk_length", [0, 2.5, True, "4"])
+def test_bad_chunk_length_raises_before_work(chunk_length):
+    params, xs, ys, _ = random_problem("elman_tanh", steps=2)
+    with pytest.raises(ValueError, match="chunk_length"):
+        bptt_fast(params, xs, ys, cell="elman_tanh", chunk_length=chunk_length)
+    with pytest.raises(ValueError, match="chunk_length"):
+        unroll_fast("elman_tanh", params["cell"], xs, chunk_length=chunk_length)
 
 
 def test_unrolled_fast_path():
