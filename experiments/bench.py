@@ -15,8 +15,8 @@ all params, the inputs and the initial state, in float32. Modes:
   checkpointed  ``bptt_checkpointed``: segment-boundary states only, default segment ceil(sqrt T)
   gemm_floor    not BPTT: only the matrix products every exact BPTT of this model must run, in
                 the same two sequential loops, with one tanh per step as the only gate math
-                (``gemm_floor``). No implementation built from XLA's GEMMs can beat it, so
-                ``gemm_floor / auto`` bounds the speed-up over ``auto`` that is possible here
+                (``gemm_floor``), unroll 1. No implementation built from XLA's GEMMs can beat
+                it at the same unroll: ``gemm_floor / auto`` bounds the speed-up over ``auto``
 
 Peers, when installed: PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` (cuDNN on a GPU;
 ``--device``) and Flax ``nn.RNN`` with ``SimpleCell``/``OptimizedLSTMCell``/``GRUCell`` + ``Dense``.
