@@ -232,6 +232,8 @@ def test_registered_as_fast_path_backend():
     assert "pallas" in BACKENDS
     fast = bptt_fast(params, xs, targets, backend="pallas", **kw)
     assert compare_gradients(fast, auto, tolerance=1e-10).ok
+    chunked = bptt_fast(params, xs, targets, backend="pallas", chunk_length=2, **kw)
+    assert compare_gradients(chunked, auto, tolerance=1e-10).ok  # kernels run per chunk
     ckpt = bptt_checkpointed(params, xs, targets, backend="pallas", segment_length=2, **kw)
     assert compare_gradients(ckpt, auto, tolerance=1e-10).ok
     if jax.default_backend() != "gpu":
