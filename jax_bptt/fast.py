@@ -133,7 +133,9 @@ def resolve_unroll(unroll: int | bool | None, backend: str = "xla", platform: st
 # the platform has an entry: a chunk's ``d xp`` (chunk_length, B, G) is then still in cache when
 # its GEMMs read it. cpu: 2 MiB per chunk; 5-17% faster than one chunk wherever the whole
 # ``(T, B, G)`` buffer is larger than that (``experiments/results/bench_cpu.txt``). gpu/tpu: not
-# listed, so one chunk: there the single large GEMMs are the point.
+# listed, so one chunk: there the single large GEMMs are the point. Under data parallelism XLA
+# all-reduces the chunk loop's replicated gradient carry once per chunk (one all-reduce in all for
+# one chunk); ``CHUNK_BYTES.pop("cpu")`` before tracing keeps one chunk on a CPU mesh.
 CHUNK_BYTES = {"cpu": 2 * 2**20}
 
 
@@ -475,7 +477,6 @@ def _fast_core(
     params, h0, xs, targets, lengths, *, cell, loss, placement, reduction, unroll, backend,
     chunk_length,
 ):  # fmt: skip
-    chunk_length = resolve_chunk_length(chunk_length, params["cell"], xs)
     core = functools.partial(_fast_unroll, cell, backend, False, unroll, chunk_length)
     loss_kw = dict(loss=loss, placement=placement, reduction=reduction)
     return _gradients(core, params, h0, xs, targets, lengths, **loss_kw)
@@ -572,8 +573,15 @@ def bptt_fast(
     check_chunk_length(chunk_length)
     backend = choose_backend(backend, cell, params["cell"], xs)
     unroll = resolve_unroll(unroll, backend)
-    run = _with_checks(functools.partial(_fast_core, backend=backend, chunk_length=chunk_length))
-    return run(
+
+    def core(params, h0, xs, targets, lengths, **static):
+        # Resolved on the validated xs, outside the jit: the compiled core is keyed on the int.
+        resolved = resolve_chunk_length(chunk_length, params["cell"], xs)
+        return _fast_core(
+            params, h0, xs, targets, lengths, backend=backend, chunk_length=resolved, **static
+        )
+
+    return _with_checks(core)(
         params, xs, targets, cell=cell, loss=loss, placement=placement, reduction=reduction,
         lengths=lengths, h0=h0, unroll=unroll,
     )  # fmt: skip

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_bptt import init_model, modes, parallel
+from jax_bptt import fast, init_model, modes, parallel
 from jax_bptt.check import relative_error
 from jax_bptt.train import make_optimizer, make_train_step
 
@@ -128,6 +128,19 @@ def child_modes() -> dict:
         counts = DEVICE_COUNTS if mode in ("auto", "manual") else (NUM_DEVICES,)
         for n in counts:
             records.append(_compare(mode, steps[mode], params, optimizer, batches, reference, n))
+
+    # The fast path's backward in one-step chunks (CHUNK_BYTES is read when a new train step
+    # traces) on 8 devices, against the one-chunk step on one device.
+    reference = _train(steps["fast"], params, optimizer, batches)[:2]
+    saved = dict(fast.CHUNK_BYTES)
+    fast.CHUNK_BYTES["cpu"] = 1
+    try:
+        chunked = make_train_step(optimizer, cell="elman_tanh", mode="fast")
+        record = _compare("fast", chunked, params, optimizer, batches, reference, NUM_DEVICES)
+        records.append({**record, "chunked": True})
+    finally:
+        fast.CHUNK_BYTES.clear()
+        fast.CHUNK_BYTES.update(saved)
 
     # Five sequences on eight devices: an error naming both, or five real rows and three
     # length-0 rows whose loss and update equal the unpadded batch's.
@@ -268,6 +281,7 @@ def test_every_mode_on_1_2_4_8_devices_trains_like_one_device():
         assert (mode, NUM_DEVICES) in seen
     for mode in ("auto", "manual"):
         assert {(mode, n) for n in DEVICE_COUNTS} <= seen
+    assert any(r.get("chunked") for r in result["records"])
     for record in result["records"]:
         assert record["loss_error"] <= F64_TOL, record
         assert record["params_error"] <= F64_TOL, record
