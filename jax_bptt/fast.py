@@ -131,11 +131,12 @@ def resolve_unroll(unroll: int | bool | None, backend: str = "xla", platform: st
 
 # The fast path's backward runs the reverse scan and the weight-gradient GEMMs chunk by chunk where
 # the platform has an entry: a chunk's ``d xp`` (chunk_length, B, G) is then still in cache when
-# its GEMMs read it. cpu: 2 MiB per chunk; 5-17% faster than one chunk wherever the whole
-# ``(T, B, G)`` buffer is larger than that (``experiments/results/bench_cpu.txt``). gpu/tpu: not
-# listed, so one chunk: there the single large GEMMs are the point. Under data parallelism XLA
-# all-reduces the chunk loop's replicated gradient carry once per chunk (one all-reduce in all for
-# one chunk); ``CHUNK_BYTES.pop("cpu")`` before tracing keeps one chunk on a CPU mesh.
+# its GEMMs read it. cpu: 2 MiB per chunk (a sweep of 0.5-8 MiB put the best at 1-3 MiB). Against
+# one chunk (``experiments/results/bench_cpu.txt``, fast vs fast_one_chunk): up to 10% faster and
+# 22-36% less temporary memory where the ``(T, B, G)`` buffer exceeds 2 MiB, within +-5% elsewhere.
+# gpu/tpu: not listed, so one chunk: there the single large GEMMs are the point. Under data
+# parallelism XLA all-reduces the chunk loop's replicated gradient carry once per chunk (once in
+# all for one chunk); ``CHUNK_BYTES.pop("cpu")`` before tracing keeps one chunk on a CPU mesh.
 CHUNK_BYTES = {"cpu": 2 * 2**20}
 
 
