@@ -75,7 +75,7 @@ from jax_bptt import (  # noqa: E402
     readout,
     sequence_loss,
 )
-from jax_bptt.bptt import sum_outer  # noqa: E402
+from jax_bptt.bptt import previous_states, sum_outer  # noqa: E402
 from jax_bptt.cells import step  # noqa: E402
 from jax_bptt.fast import (  # noqa: E402
     bptt_checkpointed,
@@ -174,7 +174,7 @@ def gemm_floor(params, h0, xs, targets):
         return d @ cell["W_hh"].T, d
 
     d_h0, ds = jax.lax.scan(backward, jnp.zeros_like(h0), (d_hs, hs), reverse=True)
-    h_prev = jnp.concatenate([h0[None], hs[:-1]])
+    h_prev = previous_states(h0, hs)
     d_params = {
         "W_hh": sum_outer(h_prev, ds),
         "W_xh": sum_outer(xs, ds),
@@ -475,7 +475,7 @@ def targets_summary(records) -> str:
         fast, auto = by.get("fast+unroll") or by.get("fast"), by.get("auto")
         if fast is None or auto is None:
             continue
-        ms = {name: by[name]["ms"] if name in by else None for name in by}
+        ms = {name: r["ms"] for name, r in by.items()}
         to_flax = fast["ms"] / ms["flax"] if ms.get("flax") else None
         lines.append(
             f"  {cell:<11} {','.join(map(str, size)):<16} {_ratio(fast['ms'], auto['ms']):>9}"

@@ -230,15 +230,18 @@ def _fast_bwd(cell, backend, reverse, unroll, chunk_length, saved, cotangents):
     if chunk_length >= xs.shape[0]:
         d_h0, d_params, d_xs = backward(d_final, h0, *per_step)
     else:
-        d_h0, d_params, d_xs = _in_chunks(backward, chunk_length, reverse, h0, d_final, per_step)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        d_h0, d_params, d_xs = _in_chunks(
+            backward, chunk_length, reverse, h0, (d_final, zeros), per_step
+        )
     return d_params, d_xs, d_h0, None  # lengths are integers: no cotangent
 
 
-def _in_chunks(backward, chunk_length: int, reverse: bool, h0, d_final, per_step):
+def _in_chunks(backward, chunk_length: int, reverse: bool, h0, carry, per_step):
     """Run ``backward`` over ``chunk_length``-step chunks in the backward's order, carrying
-    ``d state`` and summing the weight gradients: the same sums as one chunk, in a different
-    order. ``T = S * K + R``: a ``lax.scan`` over the S full chunks, and the R-step rest on its
-    own (first when the backward runs from the end, last when it runs from step 0)."""
+    ``(d state, summed weight gradients)`` from ``carry``: the same sums as one chunk, in a
+    different order. ``T = S * K + R``: a ``lax.scan`` over the S full chunks, and the R-step rest
+    on its own (first when the backward runs from the end, last when it runs from step 0)."""
     tree_map = jax.tree_util.tree_map
     num_steps = per_step[0].shape[0]
     num_chunks = num_steps // chunk_length
@@ -257,39 +260,24 @@ def _in_chunks(backward, chunk_length: int, reverse: bool, h0, d_final, per_step
         )
         rest_before = tree_map(lambda s: s[split - 1], states)
     full = tree_map(lambda a: a[:split].reshape(num_chunks, chunk_length, *a.shape[1:]), per_step)
-    rest = tree_map(lambda a: a[split:], per_step)
+    rest = (rest_before, *tree_map(lambda a: a[split:], per_step))
 
     def body(carry, inputs):
         d_state, d_params = carry
         d_state, d_params_k, d_xs_k = backward(d_state, *inputs)
         return (d_state, tree_map(jnp.add, d_params, d_params_k)), d_xs_k
 
-    def scan_full(d_state, d_params):
-        (d_state, d_params), d_xs = jax.lax.scan(
-            body, (d_state, d_params), (boundaries, *full), reverse=not reverse
-        )
-        return d_state, d_params, d_xs.reshape(split, *d_xs.shape[2:])
-
     has_rest = split < num_steps
-    if reverse:  # the backward runs from step 0: full chunks first, then the rest
-        d_state, d_params, d_xs = scan_full(d_final, _zero_grads(backward, h0, per_step))
-        if has_rest:
-            d_state, d_params_r, d_xs_r = backward(d_state, rest_before, *rest)
-            d_params = tree_map(jnp.add, d_params, d_params_r)
-            d_xs = jnp.concatenate([d_xs, d_xs_r])
-        return d_state, d_params, d_xs
-    if not has_rest:
-        return scan_full(d_final, _zero_grads(backward, h0, per_step))
-    d_state, d_params, d_xs_r = backward(d_final, rest_before, *rest)
-    d_state, d_params, d_xs = scan_full(d_state, d_params)
-    return d_state, d_params, jnp.concatenate([d_xs, d_xs_r])
-
-
-def _zero_grads(backward, h0, per_step):
-    """Zeros shaped like ``backward``'s weight gradients (traced abstractly, nothing runs)."""
-    one_step = jax.tree_util.tree_map(lambda a: a[:1], per_step)
-    shapes = jax.eval_shape(lambda: backward(h0, h0, *one_step)[1])
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if has_rest and not reverse:  # the backward runs from the end: the rest first
+        carry, d_xs_rest = body(carry, rest)
+    carry, d_xs = jax.lax.scan(body, carry, (boundaries, *full), reverse=not reverse)
+    d_xs = d_xs.reshape(split, *d_xs.shape[2:])
+    if has_rest and reverse:  # the backward runs from step 0: the rest last
+        carry, d_xs_rest = body(carry, rest)
+    if has_rest:
+        d_xs = jnp.concatenate([d_xs, d_xs_rest])
+    d_state, d_params = carry
+    return d_state, d_params, d_xs
 
 
 _fast_unroll.defvjp(_fast_fwd, _fast_bwd)
@@ -412,7 +400,6 @@ def unroll_fast(
     backend = choose_backend(backend, cell, params, xs)
     unroll = resolve_unroll(unroll, backend)
     cell = get_cell(cell)
-    check_chunk_length(chunk_length)
     batch = check_inputs(cell, params, xs, h0, lengths)
     chunk_length = resolve_chunk_length(chunk_length, params, batch.xs)
     hs, final = _fast_unroll(
