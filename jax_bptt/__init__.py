@@ -1,21 +1,24 @@
 """jax_bptt: recurrent networks trained by backpropagation through time, in pure JAX.
 
 The recurrence is a ``lax.scan``; ``jax.grad`` through it is automatic BPTT; a hand-written reverse
-scan gives the same gradients explicitly. See the README for a tour.
+scan gives the same gradients explicitly. One params layout and one set of functions serve a model
+of any depth and direction. See the README for a tour.
 """
 
-from jax_bptt.bptt import Gradients, bptt_auto, bptt_manual, model_loss
-from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell, step
-from jax_bptt.check import GradientReport, check_gradients, compare_gradients
-from jax_bptt.deep import deep_bptt_auto, deep_bptt_fast, deep_bptt_manual, deep_unroll, init_deep
-from jax_bptt.fast import bptt_checkpointed, bptt_fast, unroll_checkpointed, unroll_fast
-from jax_bptt.generate import generate
-from jax_bptt.losses import sequence_loss, sequence_loss_grad
-from jax_bptt.model import init_model, readout
-from jax_bptt.modes import BPTT_MODES, bptt
-from jax_bptt.train import fit, make_optimizer, make_train_step
-from jax_bptt.truncated import truncated_bptt
-from jax_bptt.unroll import unroll
+from jax_bptt.backends import Backend, ScanOptions, register_backend
+from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell
+from jax_bptt.losses import Loss
+from jax_bptt.model import init_model, predict, unroll
+from jax_bptt.modes import (
+    BPTT_MODES,
+    Gradients,
+    bptt,
+    bptt_auto,
+    bptt_checkpointed,
+    bptt_fast,
+    bptt_manual,
+    model_loss,
+)
 
 __all__ = [
     "BPTT_MODES",
@@ -24,9 +27,12 @@ __all__ = [
     "ELMAN_TANH",
     "GRU",
     "LSTM",
+    "Backend",
     "Cell",
     "GradientReport",
     "Gradients",
+    "Loss",
+    "ScanOptions",
     "bptt",
     "bptt_auto",
     "bptt_checkpointed",
@@ -34,24 +40,15 @@ __all__ = [
     "bptt_manual",
     "check_gradients",
     "compare_gradients",
-    "deep_bptt_auto",
-    "deep_bptt_fast",
-    "deep_bptt_manual",
-    "deep_unroll",
     "fit",
     "generate",
     "get_cell",
-    "init_deep",
     "init_model",
     "make_optimizer",
     "make_train_step",
     "model_loss",
-    "readout",
-    "sequence_loss",
-    "sequence_loss_grad",
-    "step",
+    "predict",
+    "register_backend",
     "truncated_bptt",
     "unroll",
-    "unroll_checkpointed",
-    "unroll_fast",
 ]

@@ -15,8 +15,46 @@ term counts, so an empty loss is 0 rather than NaN). Per-term losses:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+LOSSES = ("mse", "cross_entropy")
+PLACEMENTS = ("per_step", "last_step")
+REDUCTIONS = ("sum", "mean")
+
+
+class Loss(NamedTuple):
+    """The static settings of a sequence loss, passed as one value.
+
+    Attributes:
+      kind: ``"mse"`` or ``"cross_entropy"``.
+      placement: ``"per_step"`` (every valid step) or ``"last_step"`` (many-to-one).
+      reduction: ``"mean"`` over the counted terms or ``"sum"``.
+
+    Example:
+      >>> Loss("cross_entropy", reduction="sum")
+      Loss(kind='cross_entropy', placement='per_step', reduction='sum')
+    """
+
+    kind: str = "mse"
+    placement: str = "per_step"
+    reduction: str = "mean"
+
+
+def check_loss(loss) -> Loss:
+    """``loss`` as a validated ``Loss``; a string is ``Loss(kind=loss)``."""
+    if isinstance(loss, str):
+        loss = Loss(loss)
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a jax_bptt.Loss or one of {LOSSES}, got {loss!r}")
+    for name, value, choices in zip(
+        loss._fields, loss, (LOSSES, PLACEMENTS, REDUCTIONS), strict=True
+    ):
+        if value not in choices:
+            raise ValueError(f"loss.{name} must be one of {choices}, got {value!r}")
+    return loss
 
 
 def term_weights(placement: str, num_steps: int, batch_size: int, lengths, dtype) -> jax.Array:
@@ -50,17 +88,17 @@ def _scale(weights, reduction):
     return weights / jnp.maximum(weights.sum(), 1.0)
 
 
-def sequence_loss(ys, targets, *, loss, placement, reduction, lengths=None) -> jax.Array:
+def sequence_loss(ys, targets, loss: Loss, lengths=None) -> jax.Array:
     """Scalar loss of outputs ``ys: (t b o)`` (see the module docstring for the conventions)."""
     num_steps, batch_size = ys.shape[:2]
-    targets = _per_step_targets(targets, placement, num_steps)
-    weights = term_weights(placement, num_steps, batch_size, lengths, ys.dtype)
-    terms = _terms(ys, targets, loss)
+    targets = _per_step_targets(targets, loss.placement, num_steps)
+    weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
+    terms = _terms(ys, targets, loss.kind)
     # where, not multiply: a masked term may be inf/NaN (padding) and must not poison the sum.
-    return jnp.sum(jnp.where(weights > 0, terms, 0) * _scale(weights, reduction))
+    return jnp.sum(jnp.where(weights > 0, terms, 0) * _scale(weights, loss.reduction))
 
 
-def sequence_loss_grad(ys, targets, *, loss, placement, reduction, lengths=None) -> jax.Array:
+def sequence_loss_grad(ys, targets, loss: Loss, lengths=None) -> jax.Array:
     """``dL/dys: (t b o)``, derived by hand.
 
         mse:            dl/dy = 2 (y - target) / O
@@ -69,9 +107,10 @@ def sequence_loss_grad(ys, targets, *, loss, placement, reduction, lengths=None)
     each scaled by the term's weight (0 for excluded terms, 1/count for ``"mean"``).
     """
     num_steps, batch_size, output_size = ys.shape
-    targets = _per_step_targets(targets, placement, num_steps)
-    weights = _scale(term_weights(placement, num_steps, batch_size, lengths, ys.dtype), reduction)
-    if loss == "mse":
+    targets = _per_step_targets(targets, loss.placement, num_steps)
+    weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
+    weights = _scale(weights, loss.reduction)
+    if loss.kind == "mse":
         d_terms = 2.0 * (ys - targets) / output_size
     else:
         d_terms = jax.nn.softmax(ys, axis=-1) - jax.nn.one_hot(targets, output_size, dtype=ys.dtype)

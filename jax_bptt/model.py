@@ -1,62 +1,418 @@
-"""A model = a recurrent cell plus a linear readout ``y_t = h_t @ W_hy + b_y``.
+"""The model: a stack of recurrent layers (1..N, uni- or bidirectional) and a linear readout.
 
-Params are a plain dict pytree::
+One params layout at every depth (a single-layer model is a stack of one)::
 
-    {"cell": {"W_xh": (d g), "W_hh": (h g), "b_h": (g,), ...},
-     "readout": {"W_hy": (h o), "b_y": (o,)}}
+    {"layers": [{"fwd": cell_params, "bwd": cell_params}, ...],   # "bwd" only if bidirectional
+     "readout": {"W_hy": (dirs*h o), "b_y": (o,)}}
+
+Layer 0 reads ``xs (t b d)``; layer ``l`` reads layer ``l-1``'s output ``(t b dirs*h)``. A layer's
+output is ``[fwd hs, bwd hs]`` concatenated over features (zero past each length; the backward
+direction is the same recurrence with ``reverse=True`` and the same length mask, so a padded
+sequence's backward pass starts at its last valid step, as with PyTorch's packed sequences), plus
+the layer's input when the layer has a residual connection. Between layers (after every layer but
+the last) comes inverted dropout, as PyTorch's ``dropout`` argument: kept units are scaled by
+``1 / (1 - dropout)``; the masks are drawn from an explicit ``key``.
+
+``residual``: ``False``; ``True`` on every layer (layer 0 then needs ``input_size == dirs*h``);
+``"except_first"`` on layers ``1..L-1``, whose input and output sizes always match.
+
+States (``h0`` and the final states) are lists with one ``{"fwd": state, "bwd": state}`` per
+layer, each state as in ``jax_bptt.cells`` (leaves ``(b h)``). A backward direction's final state
+is its state after step 0.
+
+``placement="last_step"`` (many-to-one) reads the readout off a summary of the top layer's output:
+its forward half at ``t = length - 1`` and, when bidirectional, its backward half at ``t = 0``
+(where the backward pass ends). Without residual connections that is PyTorch's
+``concat(h_n[-2], h_n[-1])``. A length-0 sequence contributes no term.
+
+Each layer and direction runs through one of ``RUNS`` (how its gradient is formed):
+
+- ``"auto"``: ``scan_states``, differentiated by ``jax.grad`` (and taped for the manual backward);
+- ``"fast"``: ``fast_scan``, whose VJP is the hand-written reverse scan;
+- ``"checkpointed"``: ``checkpointed_scan``, which also recomputes segments in the backward.
+
+``stack_backward`` is the hand-written BPTT through the stack: from the top, ``dL/d outputs`` of a
+layer is split per direction, ``backward_scan`` turns each into weight gradients and
+``d inputs``, whose sum (plus the residual path) times the dropout mask is ``dL/d outputs`` of the
+layer below.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jax_bptt.cells import get_cell
+from jax_bptt.backends import ScanOptions, check_options, resolve_options
+from jax_bptt.cells import Cell, get_cell, project_inputs
+from jax_bptt.fast import checkpointed_scan, fast_scan
+from jax_bptt.losses import Loss, sequence_loss
+from jax_bptt.scan import backward_scan, length_mask, masked, masked_hidden, scan_states
+from jax_bptt.validation import (
+    DIRECTIONS,
+    Batch,
+    ModelShape,
+    check_choice,
+    check_inputs,
+    check_positive_int,
+    check_stack_options,
+)
+
+# --------------------------------------------------------------------------------------------
+# Init
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
+def _init(key, cell, input_size, hidden_size, output_size, num_layers, directions, dtype, *init):
+    k_layers, k_w, k_b = jax.random.split(key, 3)
+    layer_keys = jax.random.split(k_layers, num_layers * directions)
+    layers, layer_input = [], input_size
+    for layer in range(num_layers):
+        names = [name for name, _ in DIRECTIONS][:directions]
+        keys = layer_keys[layer * directions : (layer + 1) * directions]
+        layers.append(
+            {name: cell.init(k, layer_input, hidden_size, dtype, *init) for name, k in zip(names, keys, strict=True)}
+        )
+        layer_input = directions * hidden_size
+    bound = 1.0 / math.sqrt(layer_input)
+    readout = {
+        "W_hy": jax.random.uniform(k_w, (layer_input, output_size), dtype, -bound, bound),
+        "b_y": jax.random.uniform(k_b, (output_size,), dtype, -bound, bound),
+    }
+    return {"layers": layers, "readout": readout}
 
 
 def init_model(
     key: jax.Array,
-    cell: str,
+    cell: str | Cell,
     input_size: int,
     hidden_size: int,
     output_size: int,
     *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
     dtype=jnp.float32,
     recurrent_init: str = "uniform",
     forget_bias: float | None = None,
 ) -> dict:
-    """Initialise a cell and its readout (PyTorch's default U(-1/sqrt(H), 1/sqrt(H)) for both).
+    """A stack of ``num_layers`` cells (two per layer if ``bidirectional``) and a readout, in one
+    compiled call.
+
+    Every cell and the readout get PyTorch's default ``U(-1/sqrt(H), 1/sqrt(H))`` (the readout's
+    bound uses its fan-in ``dirs*H``).
 
     Args:
-      cell: ``"elman_tanh"``, ``"elman_relu"``, ``"lstm"`` or ``"gru"``.
+      cell: a name in ``jax_bptt.CELLS`` or a ``Cell``.
       recurrent_init: ``"uniform"`` (PyTorch), ``"orthogonal"`` or ``"identity"`` (IRNN: use with
         ``"elman_relu"``; the recurrent bias is then zero).
       forget_bias: LSTM only, a constant for the forget-gate bias (1.0 is the usual choice).
+
+    Returns:
+      ``{"layers": [{"fwd": ..., "bwd"?: ...}, ...], "readout": {"W_hy", "b_y"}}``.
+
+    Example:
+      >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2, bidirectional=True)
+      >>> params["layers"][1]["bwd"]["W_xh"].shape, params["readout"]["W_hy"].shape
+      ((16, 24), (16, 2))
     """
     for name, value in (
         ("input_size", input_size),
         ("hidden_size", hidden_size),
         ("output_size", output_size),
+        ("num_layers", num_layers),
     ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    spec = get_cell(cell)
-    k_cell, k_w, k_b = jax.random.split(key, 3)
-    extra = {} if forget_bias is None else {"forget_bias": forget_bias}
-    if forget_bias is not None and spec.name != "lstm":
-        raise ValueError(f"forget_bias applies to the lstm cell only, got cell={spec.name!r}")
-    bound = 1.0 / math.sqrt(hidden_size)
-    return {
-        "cell": spec.init(k_cell, input_size, hidden_size, dtype, recurrent_init, **extra),
-        "readout": {
-            "W_hy": jax.random.uniform(k_w, (hidden_size, output_size), dtype, -bound, bound),
-            "b_y": jax.random.uniform(k_b, (output_size,), dtype, -bound, bound),
-        },
-    }
+        check_positive_int(name, value)
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+    cell = get_cell(cell)
+    check_choice("recurrent_init", recurrent_init, ("uniform", "orthogonal", "identity"))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
+    init = (recurrent_init,)
+    if forget_bias is not None:
+        if cell.name != "lstm":
+            raise ValueError(f"forget_bias applies to the lstm cell only, got cell={cell.name!r}")
+        init = (recurrent_init, float(forget_bias))
+    directions = 2 if bidirectional else 1
+    return _init(
+        key, cell, input_size, hidden_size, output_size, num_layers, directions, jnp.dtype(dtype),
+        *init,
+    )  # fmt: skip
 
 
-def readout(params: dict, hs: jax.Array) -> jax.Array:
-    """``(..., h) -> (..., o)``: ``hs @ W_hy + b_y``."""
-    return hs @ params["W_hy"] + params["b_y"]
+def readout(params: dict, features: jax.Array) -> jax.Array:
+    """``(..., f) -> (..., o)``: ``features @ W_hy + b_y``."""
+    return features @ params["W_hy"] + params["b_y"]
+
+
+# --------------------------------------------------------------------------------------------
+# One direction of one layer, three ways to differentiate it
+
+
+def run_scan(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+    """``(hs (t b h), final, tape)`` by ``scan_states``: the tape ``(states, saved)`` is what
+    ``backward_scan`` needs, and ``jax.grad`` differentiates through it."""
+    mask = length_mask(lengths, inputs.shape[0])
+    xp = project_inputs(params, inputs)  # (t b g): one GEMM for every step
+    final, tape = scan_states(cell, params, xp, h0, mask, reverse, options.unroll)
+    return masked_hidden(cell, tape[0], mask), final, tape
+
+
+def run_fast(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+    """``fast_scan``: its VJP is the hand-written reverse scan (no tape outside it)."""
+    hs, final = fast_scan(cell, options, reverse, params, inputs, h0, lengths)
+    return hs, final, None
+
+
+def run_checkpointed(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+    """``checkpointed_scan``: boundary states only; segments recomputed in the backward."""
+    hs, final = checkpointed_scan(cell, options, reverse, params, inputs, h0, lengths)
+    return hs, final, None
+
+
+RUNS = {"auto": run_scan, "fast": run_fast, "checkpointed": run_checkpointed}
+
+
+# --------------------------------------------------------------------------------------------
+# The stack, forward and backward
+
+
+def has_residual(residual, layer: int) -> bool:
+    return residual is True or (residual == "except_first" and layer > 0)
+
+
+def _directions(layer: dict):
+    return [(name, reverse) for name, reverse in DIRECTIONS if name in layer]
+
+
+def dropout_masks(key, dropout: float, layers, xs) -> list | None:
+    """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last.
+
+    Entries are 0 or ``1 / (1 - dropout)``; one key per layer, split from ``key``. Drawn outside
+    the compiled cores, so every mode sees the same masks and none compiles the PRNG.
+    """
+    if dropout == 0 or len(layers) == 1:
+        return None
+    keys = jax.random.split(key, len(layers) - 1)
+    keep = 1.0 - dropout
+    return [
+        jax.random.bernoulli(k, keep, (*xs.shape[:2], features)).astype(xs.dtype) / keep
+        for k, features in zip(keys, [_features(layer) for layer in layers[:-1]], strict=True)
+    ]
+
+
+def _features(layer: dict) -> int:
+    return sum(p["W_hh"].shape[0] for p in layer.values())
+
+
+class LayerTape(NamedTuple):
+    """What a layer's hand-written backward needs from its forward."""
+
+    inputs: jax.Array  # (t b f_in), after the previous layer's dropout
+    runs: dict  # direction -> run_scan's tape (None for the fast and checkpointed runs)
+
+
+def stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run=run_scan):
+    """``(outputs (t b f), final states, tapes)`` of the whole stack; ``run`` (one of ``RUNS``) is
+    called once per layer and direction."""
+    mask = length_mask(lengths, xs.shape[0])
+    inputs, finals, tapes = xs, [], []
+    for i, layer in enumerate(layers):
+        outs, runs, final = [], {}, {}
+        for name, reverse in _directions(layer):
+            hs, final[name], runs[name] = run(
+                cell, options, layer[name], inputs, h0[i][name], lengths, reverse
+            )
+            outs.append(hs)
+        out = jnp.concatenate(outs, axis=-1)
+        if has_residual(residual, i):  # masked so outputs past a length stay zero
+            out = out + masked(mask, inputs)
+        tapes.append(LayerTape(inputs, runs))
+        finals.append(final)
+        if drops is not None and i < len(layers) - 1:
+            out = out * drops[i]
+        inputs = out
+    return inputs, finals, tapes
+
+
+def stack_backward(cell, options, layers, h0, tapes, lengths, drops, residual, d_outputs, d_finals):
+    """Hand-written BPTT through the stack from ``dL/d outputs (t b f)`` and ``dL/d final states``
+    (None: zeros): ``(d_layers, d_h0, d_xs)``, layer by layer from the top."""
+    mask = length_mask(lengths, d_outputs.shape[0])
+    d_layers, d_h0 = [None] * len(layers), [None] * len(layers)
+    d_out = d_outputs
+    for i in reversed(range(len(layers))):
+        layer, tape = layers[i], tapes[i]
+        d_inputs = masked(mask, d_out) if has_residual(residual, i) else 0.0
+        d_layers[i], d_h0[i], offset = {}, {}, 0
+        for name, reverse in _directions(layer):
+            p = layer[name]
+            size = p["W_hh"].shape[0]
+            states, saved = tape.runs[name]
+            d_final = (
+                jax.tree_util.tree_map(jnp.zeros_like, h0[i][name])
+                if d_finals is None
+                else d_finals[i][name]
+            )
+            d_layers[i][name], d_h0[i][name], d_x = backward_scan(
+                cell, p, tape.inputs, h0[i][name], mask, states, saved,
+                d_out[..., offset : offset + size], d_final,
+                reverse=reverse, unroll=options.unroll,
+            )  # fmt: skip
+            d_inputs = d_inputs + d_x
+            offset += size
+        d_out = d_inputs if drops is None or i == 0 else d_inputs * drops[i - 1]
+    return d_layers, d_h0, d_out
+
+
+# --------------------------------------------------------------------------------------------
+# Readout and loss
+
+
+def last_step_weights(lengths, num_steps: int, batch_size: int, dtype) -> jax.Array:
+    """``(t b)`` one-hot of ``t = max(length, 1) - 1`` (length 0 has no loss term anyway)."""
+    last = num_steps - 1 if lengths is None else jnp.maximum(lengths, 1) - 1
+    last = jnp.broadcast_to(last, (batch_size,))
+    return (jnp.arange(num_steps)[:, None] == last[None, :]).astype(dtype)
+
+
+def last_step_summary(outputs, lengths, forward_size: int) -> jax.Array:
+    """``(t b f) -> (b f)``: the forward half at ``t = length - 1``, the rest at ``t = 0``.
+
+    ``forward_size`` is the forward direction's hidden size (``f`` for a unidirectional stack).
+    """
+    num_steps, batch_size, features = outputs.shape
+    if num_steps == 0:
+        return jnp.zeros((batch_size, features), outputs.dtype)
+    picked = last_step_weights(lengths, num_steps, batch_size, outputs.dtype)
+    fwd = jnp.einsum("tb,tbf->bf", picked, outputs[..., :forward_size])
+    return jnp.concatenate([fwd, outputs[0, :, forward_size:]], axis=-1)
+
+
+def loss_features(outputs, lengths, placement: str, forward_size: int):
+    """What the readout reads: all outputs (per step) or the summary as one step (last step),
+    with the lengths ``sequence_loss`` needs for it."""
+    if placement == "per_step":
+        return outputs, lengths
+    summary = last_step_summary(outputs, lengths, forward_size)[None]  # (1 b f)
+    if outputs.shape[0] == 0:  # no step, no term
+        return summary, jnp.zeros(outputs.shape[1], jnp.int32)
+    return summary, None if lengths is None else jnp.minimum(lengths, 1)
+
+
+def stack_loss(
+    params, h0, xs, targets, lengths, drops, *, cell, loss: Loss, residual, options, run=run_scan
+) -> jax.Array:
+    """The scalar loss on batched, validated inputs (the function ``jax.grad`` sees)."""
+    layers = params["layers"]
+    outputs, _, _ = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run)
+    forward_size = layers[-1]["fwd"]["W_hh"].shape[0]
+    features, loss_lengths = loss_features(outputs, lengths, loss.placement, forward_size)
+    return sequence_loss(readout(params["readout"], features), targets, loss, loss_lengths)
+
+
+# --------------------------------------------------------------------------------------------
+# Public: run the model
+
+
+class Prepared(NamedTuple):
+    """A model call's validated arguments: what every public function hands its compiled core."""
+
+    cell: Cell
+    shape: ModelShape
+    batch: Batch
+    drops: list | None
+    options: ScanOptions
+
+
+def prepare(params, xs, *, cell, lengths, h0, dropout, key, residual, options) -> Prepared:
+    """Validate a model call once and resolve its options (outside any jit)."""
+    cell = get_cell(cell)
+    shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0)
+    check_stack_options(shape, dropout, key, residual)
+    options = resolve_options(
+        check_options(options), cell, batch.xs.shape, shape.hidden_size, shape.dtype
+    )
+    drops = dropout_masks(key, dropout, params["layers"], batch.xs)
+    return Prepared(cell, shape, batch, drops, options)
+
+
+def unbatch(tree, batched: bool):
+    """Drop the leading batch axis that validation added to a single sequence's states."""
+    return tree if batched else jax.tree_util.tree_map(lambda a: a[0], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "residual", "options", "mode"))
+def _unroll_core(layers, h0, xs, lengths, drops, *, cell, residual, options, mode):
+    outputs, finals, _ = stack_forward(
+        cell, options, layers, h0, xs, lengths, drops, residual, RUNS[mode]
+    )
+    return outputs, finals
+
+
+UNROLL_MODES = tuple(RUNS)
+
+
+def unroll(
+    params,
+    xs,
+    *,
+    cell,
+    h0=None,
+    lengths=None,
+    dropout: float = 0.0,
+    key=None,
+    residual=False,
+    mode: str = "auto",
+    options: ScanOptions | None = None,
+):
+    """Run the model's layers over a sequence.
+
+    Args:
+      params: ``init_model(...)`` (only ``"layers"`` is used).
+      xs: ``(T, B, D)``, or ``(T, D)`` for one sequence.
+      cell: the model's cell, a name in ``jax_bptt.CELLS`` or a ``Cell``.
+      h0: ``[{"fwd": state, "bwd"?: state}, ...]`` one per layer, default zeros.
+      lengths: ``(B,)`` valid lengths in ``[0, T]``, default all ``T``.
+      dropout: probability of zeroing a unit between layers (training); needs ``key``.
+      key: PRNG key for the dropout masks.
+      residual: ``False``, ``True`` or ``"except_first"`` (module docstring).
+      mode: how ``jax.grad`` of a loss of the outputs is formed: ``"auto"`` (autodiff through
+        ``lax.scan``), ``"fast"`` (the hand-written reverse scan) or ``"checkpointed"`` (that,
+        recomputing segments: memory ``O(sqrt T)`` per recurrence besides the outputs).
+      options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
+
+    Returns:
+      ``(outputs, final_states)``: ``outputs (T, B, dirs*H)`` of the top layer (zero past each
+      length), ``final_states`` like ``h0``.
+
+    Example:
+      >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2, bidirectional=True)
+      >>> outputs, finals = unroll(params, jnp.ones((5, 4, 3)), cell="gru")
+      >>> outputs.shape, finals[1]["bwd"].shape
+      ((5, 4, 16), (4, 8))
+    """
+    check_choice("mode", mode, UNROLL_MODES)
+    run = prepare(
+        params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
+        residual=residual, options=options,
+    )  # fmt: skip
+    outputs, finals = _unroll_core(
+        params["layers"], run.batch.h0, run.batch.xs, run.batch.lengths, run.drops,
+        cell=run.cell, residual=residual, options=run.options, mode=mode,
+    )  # fmt: skip
+    if run.batch.batched:
+        return outputs, finals
+    return outputs[:, 0], unbatch(finals, False)
+
+
+def predict(params, xs, *, cell, h0=None, lengths=None, residual=False, options=None):
+    """The readout at every step, ``(T, B, O)`` (``(T, O)`` unbatched): logits for
+    cross-entropy, predictions for mse. No dropout (evaluation)."""
+    outputs, _ = unroll(
+        params, xs, cell=cell, h0=h0, lengths=lengths, residual=residual, options=options
+    )
+    return readout(params["readout"], outputs)

@@ -4,10 +4,16 @@ Shapes are static in JAX, so every shape/dtype check here runs at trace time, al
 ``jax.jit``. Value checks (``lengths`` within ``[0, T]``) need concrete values: they run when the
 caller passes concrete arrays and are skipped for tracers, where lengths are clamped to ``[0, T]``
 by construction of the mask (``t < length``).
+
+The params are checked against the cell once, up front: every layer and direction must have
+exactly the leaves, shapes and dtype that ``cell.init`` would give it (``jax.eval_shape``, so
+nothing is computed), and the error names the leaf and the expected shape.
 """
 
 from __future__ import annotations
 
+import functools
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -15,20 +21,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bptt.cells import Cell
+from jax_bptt.losses import Loss
 
-LOSSES = ("mse", "cross_entropy")
-PLACEMENTS = ("per_step", "last_step")
-REDUCTIONS = ("sum", "mean")
+DIRECTIONS = (("fwd", False), ("bwd", True))  # (name, reverse)
+RESIDUALS = (False, True, "except_first")
 
 
 class Batch(NamedTuple):
     """Inputs brought to the batched, time-major layout; ``batched`` says whether to undo it."""
 
     xs: jax.Array  # (t b d)
-    h0: Any  # state pytree of (b h) arrays (zeros when none was given)
+    h0: list  # one {"fwd": state, "bwd"?: state} per layer, state leaves (b h); zeros if not given
     lengths: jax.Array | None  # (b,) int
     targets: jax.Array | None
     batched: bool
+
+
+class ModelShape(NamedTuple):
+    """What the params say about the model."""
+
+    input_size: int
+    hidden_size: int
+    output_size: int
+    num_layers: int
+    directions: tuple[str, ...]  # ("fwd",) or ("fwd", "bwd")
+    dtype: Any
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -36,12 +53,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_model_params(params: Any) -> None:
-    if not isinstance(params, dict) or "cell" not in params or "readout" not in params:
-        raise TypeError(
-            "params must be a dict {'cell': ..., 'readout': {'W_hy', 'b_y'}} as returned by "
-            f"jax_bptt.init_model, got {type(params).__name__}"
-        )
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _is_concrete(x) -> bool:
@@ -52,15 +67,94 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def check_inputs(cell: Cell, cell_params: dict, xs, h0=None, lengths=None) -> Batch:
-    """Validate an unroll's arguments and add a batch axis to unbatched ones.
+@functools.lru_cache(maxsize=256)
+def _expected_cell_params(cell: Cell, input_size: int, hidden_size: int, dtype) -> dict:
+    """``{leaf name: ShapeDtypeStruct}`` of ``cell.init`` for these sizes (traced, not run)."""
+    return jax.eval_shape(
+        lambda key: cell.init(key, input_size, hidden_size, dtype), jax.random.key(0)
+    )
 
-    Args:
-      xs: ``(T, B, D)`` or ``(T, D)`` for one unbatched sequence; floating point.
-      h0: initial state with leaves ``(B, H)`` (``(H,)`` unbatched), or None for zeros (the
-        returned ``Batch.h0`` is then the cell's zero state).
-      lengths: ``(B,)`` integers in ``[0, T]`` (a scalar when unbatched), or None.
-    """
+
+def _check_leaves(where: str, given, expected: dict, why: str) -> None:
+    if not isinstance(given, dict):
+        raise TypeError(f"{where} must be a dict of arrays {sorted(expected)}, got {type(given)}")
+    if set(given) != set(expected):
+        missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        raise ValueError(
+            f"{where} must have the leaves {sorted(expected)} ({why}); missing {missing}, "
+            f"unexpected {extra}"
+        )
+    for name, want in expected.items():
+        leaf = given[name]
+        if not hasattr(leaf, "dtype") or _shape(leaf) != want.shape:
+            raise ValueError(
+                f"{where}[{name!r}] must have shape {want.shape} ({why}), got "
+                f"{_shape(leaf) if hasattr(leaf, 'shape') else type(leaf).__name__}"
+            )
+        if leaf.dtype != want.dtype:
+            raise TypeError(
+                f"{where}[{name!r}] has dtype {leaf.dtype}, but the model's params are "
+                f"{want.dtype} (every leaf must share one float dtype)"
+            )
+
+
+def check_params(params, cell: Cell) -> ModelShape:
+    """Validate ``init_model``'s layout against ``cell``; return the sizes it implies."""
+    layers = params.get("layers") if isinstance(params, dict) else None
+    if not isinstance(layers, list | tuple) or not layers or set(params) != {"layers", "readout"}:
+        got = f"keys {sorted(params)}" if isinstance(params, dict) else type(params).__name__
+        raise TypeError(
+            "params must be a dict {'layers': [{'fwd': cell_params, 'bwd'?: ...}, ...], "
+            f"'readout': {{'W_hy', 'b_y'}}}} as returned by jax_bptt.init_model, got {got}"
+        )
+    first = layers[0]
+    if not isinstance(first, dict) or set(first) not in ({"fwd"}, {"fwd", "bwd"}):
+        got = f"keys {sorted(first)}" if isinstance(first, dict) else type(first).__name__
+        raise TypeError(f"params['layers'][0] must be a dict {{'fwd': ..., 'bwd'?: ...}}, got {got}")
+    directions = tuple(name for name, _ in DIRECTIONS if name in first)
+    w_xh, w_hh = first["fwd"].get("W_xh"), first["fwd"].get("W_hh")
+    if not hasattr(w_xh, "shape") or not hasattr(w_hh, "shape") or w_xh.ndim != 2 or w_hh.ndim != 2:
+        raise ValueError(
+            "params['layers'][0]['fwd'] must hold 2-D 'W_xh' (input_size, G*hidden_size) and "
+            f"'W_hh' (hidden_size, G*hidden_size) for cell {cell.name!r}"
+        )
+    input_size, hidden_size, dtype = w_xh.shape[0], w_hh.shape[0], w_hh.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"params must be floating point, got W_hh dtype {dtype}")
+    layer_input = input_size
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or tuple(n for n, _ in DIRECTIONS if n in layer) != (
+            directions
+        ) or len(layer) != len(directions):
+            got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
+            raise ValueError(
+                f"params['layers'][{i}] must have the directions {list(directions)} like layer 0 "
+                f"(every layer bidirectional or none), got {got}"
+            )
+        expected = _expected_cell_params(cell, layer_input, hidden_size, dtype)
+        why = (
+            f"cell {cell.name!r}, {layer_input} inputs"
+            + (" (the layer below, all directions)" if i else "")
+            + f", hidden_size {hidden_size}"
+        )
+        for name in directions:
+            _check_leaves(f"params['layers'][{i}][{name!r}]", layer[name], expected, why)
+        layer_input = len(directions) * hidden_size
+    readout = params["readout"]
+    w_hy = readout.get("W_hy") if isinstance(readout, dict) else None
+    if not hasattr(w_hy, "shape") or w_hy.ndim != 2:
+        raise ValueError("params['readout'] must hold 'W_hy' (features, output_size) and 'b_y'")
+    output_size = w_hy.shape[1]
+    expected = {
+        "W_hy": jax.ShapeDtypeStruct((layer_input, output_size), dtype),
+        "b_y": jax.ShapeDtypeStruct((output_size,), dtype),
+    }
+    _check_leaves("params['readout']", readout, expected, "the top layer's features, outputs")
+    return ModelShape(input_size, hidden_size, output_size, len(layers), directions, dtype)
+
+
+def check_xs(xs, shape: ModelShape):
+    """``xs (T, B, D)`` or ``(T, D)``, floating point, with the params' input size and dtype."""
     if not hasattr(xs, "dtype") or not hasattr(xs, "shape"):
         raise TypeError(f"xs must be an array of shape (T, B, D) or (T, D), got {type(xs)}")
     if not jnp.issubdtype(xs.dtype, jnp.floating):
@@ -69,95 +163,140 @@ def check_inputs(cell: Cell, cell_params: dict, xs, h0=None, lengths=None) -> Ba
         )
     if xs.ndim not in (2, 3):
         raise ValueError(f"xs must have shape (T, B, D) or (T, D), got shape {_shape(xs)}")
-    w_xh = cell_params["W_xh"]
-    input_size, hidden_size = w_xh.shape[0], cell_params["W_hh"].shape[0]
-    if xs.shape[-1] != input_size:
+    if xs.shape[-1] != shape.input_size:
         raise ValueError(
-            f"xs has feature size {xs.shape[-1]} but the params expect input_size={input_size} "
-            f"(W_xh has shape {_shape(w_xh)}); xs shape {_shape(xs)}"
+            f"xs has feature size {xs.shape[-1]} but the params expect input_size="
+            f"{shape.input_size}; xs shape {_shape(xs)}"
         )
-    batched = xs.ndim == 3
-    if not batched:
-        xs = xs[:, None, :]
-    num_steps, batch_size = xs.shape[0], xs.shape[1]
-    want = (batch_size, hidden_size) if batched else (hidden_size,)
+    if xs.dtype != shape.dtype:
+        raise TypeError(f"xs has dtype {xs.dtype} but the params are {shape.dtype}: cast one")
 
-    if h0 is not None:
-        leaves = jax.tree_util.tree_leaves(h0)
-        template = jax.tree_util.tree_structure(cell.zero_state((), hidden_size, xs.dtype))
-        if jax.tree_util.tree_structure(h0) != template:
-            raise TypeError(
-                f"h0 must have the structure of {cell.name}'s state {template} with leaves of "
-                f"shape {want}, got {jax.tree_util.tree_structure(h0)}"
-            )
-        for leaf in leaves:
-            if _shape(leaf) != want:
-                raise ValueError(
-                    f"h0 leaves must have shape {want} (batch, hidden_size) to match xs "
-                    f"{_shape(xs) if batched else _shape(xs[:, 0])}, got {_shape(leaf)}"
-                )
-        if not batched:
-            h0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], h0)
 
-    if lengths is not None:
-        want_l = (batch_size,) if batched else ()
-        if not hasattr(lengths, "dtype"):
-            lengths = np.asarray(lengths)
-        if _shape(lengths) != want_l:
+def check_lengths(lengths, num_steps: int, batch_size: int, batched: bool):
+    """``(B,)`` integers in ``[0, T]`` (a scalar when unbatched) -> ``(B,)`` array, or None."""
+    if lengths is None:
+        return None
+    want = (batch_size,) if batched else ()
+    if not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    if _shape(lengths) != want:
+        raise ValueError(
+            f"lengths must have shape {want} (one length per sequence of xs), got {_shape(lengths)}"
+        )
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if _is_concrete(lengths):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 0 or values.max() > num_steps):
             raise ValueError(
-                f"lengths must have shape {want_l} (one length per sequence of xs), got "
-                f"{_shape(lengths)}"
+                f"lengths must lie in [0, T={num_steps}], got min {values.min()} "
+                f"and max {values.max()}"
             )
-        if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-        if _is_concrete(lengths):
-            values = np.asarray(lengths)
-            if values.size and (values.min() < 0 or values.max() > num_steps):
-                raise ValueError(
-                    f"lengths must lie in [0, T={num_steps}], got min {values.min()} "
-                    f"and max {values.max()}"
-                )
-        lengths = jnp.reshape(jnp.asarray(lengths), (batch_size,))
+    return jnp.reshape(jnp.asarray(lengths), (batch_size,))
+
+
+def check_state(h0, cell: Cell, shape: ModelShape, batch_size: int, batched: bool) -> list:
+    """``h0`` (one ``{"fwd": state, "bwd"?: state}`` per layer, leaves ``(B, H)``, or ``(H,)``
+    unbatched) in the batched layout; None gives the zero state."""
+    zero = cell.zero_state((batch_size,), shape.hidden_size, shape.dtype)
     if h0 is None:
-        h0 = cell.zero_state((batch_size,), hidden_size, xs.dtype)
-    return Batch(xs, h0, lengths, None, batched)
+        return [dict.fromkeys(shape.directions, zero) for _ in range(shape.num_layers)]
+    if not isinstance(h0, list | tuple) or len(h0) != shape.num_layers:
+        raise TypeError(
+            f"h0 must be a list with one {{'fwd': state, 'bwd'?: state}} per layer "
+            f"({shape.num_layers} layers), or None for zeros; got {type(h0).__name__}"
+            f"{' of length ' + str(len(h0)) if isinstance(h0, list | tuple) else ''}"
+        )
+    want = (batch_size, shape.hidden_size) if batched else (shape.hidden_size,)
+    template = jax.tree_util.tree_structure(zero)
+    states = []
+    for i, given in enumerate(h0):
+        if not isinstance(given, dict) or set(given) != set(shape.directions):
+            raise TypeError(
+                f"h0[{i}] must be a dict with keys {list(shape.directions)} (the layer's "
+                f"directions), got {sorted(given) if isinstance(given, dict) else type(given)}"
+            )
+        layer = {}
+        for name in shape.directions:
+            state = given[name]
+            if jax.tree_util.tree_structure(state) != template:
+                raise TypeError(
+                    f"h0[{i}][{name!r}] must have the structure of {cell.name}'s state "
+                    f"{template} with leaves of shape {want}, got "
+                    f"{jax.tree_util.tree_structure(state)}"
+                )
+            for leaf in jax.tree_util.tree_leaves(state):
+                if _shape(leaf) != want:
+                    raise ValueError(
+                        f"h0[{i}][{name!r}] leaves must have shape {want} (batch, hidden_size), "
+                        f"got {_shape(leaf)}"
+                    )
+            layer[name] = (
+                state if batched else jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], state)
+            )
+        states.append(layer)
+    return states
 
 
-def check_targets(
-    targets,
-    loss: str,
-    placement: str,
-    num_steps: int,
-    batch_size: int,
-    output_size: int,
-    batched: bool,
-):
-    """Validate targets against the loss and placement; return them with a batch axis.
+def check_targets(targets, loss: Loss, num_steps: int, batch_size: int, output_size: int, batched):
+    """Validate targets against the loss; return them with a batch axis.
 
     mse: float targets ``(T, B, O)`` per step, ``(B, O)`` last step.
     cross_entropy: integer class ids ``(T, B)`` per step, ``(B,)`` last step.
     (Unbatched: the same without ``B``.)
     """
-    check_choice("loss", loss, LOSSES)
-    check_choice("placement", placement, PLACEMENTS)
-    lead = (num_steps,) if placement == "per_step" else ()
+    lead = (num_steps,) if loss.placement == "per_step" else ()
     batch = (batch_size,) if batched else ()
-    trail = (output_size,) if loss == "mse" else ()
+    trail = (output_size,) if loss.kind == "mse" else ()
     want = (*lead, *batch, *trail)
     if not hasattr(targets, "dtype"):
         targets = np.asarray(targets)
     if _shape(targets) != want:
         names = ("T " if lead else "") + ("B " if batched else "") + ("O" if trail else "")
         raise ValueError(
-            f"targets for loss={loss!r}, placement={placement!r} must have shape "
+            f"targets for loss={loss.kind!r}, placement={loss.placement!r} must have shape "
             f"({names.strip().replace(' ', ', ')}) = {want}, got {_shape(targets)}"
         )
-    if loss == "mse" and not jnp.issubdtype(targets.dtype, jnp.floating):
+    if loss.kind == "mse" and not jnp.issubdtype(targets.dtype, jnp.floating):
         raise TypeError(f"targets for loss='mse' must be floating point, got {targets.dtype}")
-    if loss == "cross_entropy" and not jnp.issubdtype(targets.dtype, jnp.integer):
+    if loss.kind == "cross_entropy" and not jnp.issubdtype(targets.dtype, jnp.integer):
         raise TypeError(
             f"targets for loss='cross_entropy' must be integer class ids, got {targets.dtype}"
         )
     if not batched:
-        targets = jnp.expand_dims(jnp.asarray(targets), 1 if placement == "per_step" else 0)
+        targets = jnp.expand_dims(jnp.asarray(targets), 1 if loss.placement == "per_step" else 0)
     return jnp.asarray(targets)
+
+
+def check_stack_options(shape: ModelShape, dropout, key, residual) -> None:
+    """Dropout (between layers, needs a key) and residual connections (sizes must match)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1) (the probability of zeroing), got {dropout}")
+    if dropout > 0 and key is None:
+        raise ValueError(
+            f"dropout={dropout} needs a PRNG key for its masks: pass key=jax.random.key(...) "
+            "(or dropout=0.0 to evaluate)"
+        )
+    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    features = len(shape.directions) * shape.hidden_size
+    if residual is True and shape.input_size != features:
+        raise ValueError(
+            f"residual=True adds layer 0's input to its output, but layer 0 maps "
+            f"{shape.input_size} features to {features} (hidden_size * num_directions); use "
+            "residual='except_first' or make input_size equal hidden_size * num_directions"
+        )
+
+
+def check_inputs(params, xs, *, cell: Cell, lengths=None, h0=None) -> tuple[ModelShape, Batch]:
+    """Params, ``xs``, ``lengths`` and ``h0`` checked and brought to the batched layout."""
+    shape = check_params(params, cell)
+    check_xs(xs, shape)
+    batched = xs.ndim == 3
+    xs = xs if batched else xs[:, None, :]
+    num_steps, batch_size = xs.shape[:2]
+    lengths = check_lengths(lengths, num_steps, batch_size, batched)
+    h0 = check_state(h0, cell, shape, batch_size, batched)
+    return shape, Batch(xs, h0, lengths, None, batched)

@@ -1,0 +1,197 @@
+"""How a recurrence runs: the backend registry and the scan options, with per-platform defaults.
+
+A ``Backend`` is the pair of recurrences the fast path calls: a forward with the signature of
+``jax_bptt.scan.scan_states`` and a backward with that of ``jax_bptt.scan.backward_deltas``.
+``"xla"`` (``lax.scan``) is built in; ``"pallas"`` (fused GPU kernels, ``jax_bptt.pallas_rnn``)
+is imported the first time it is asked for; ``register_backend`` adds a user's own. This module
+imports nothing above ``scan``, so any module may import it.
+
+``ScanOptions`` collects the knobs that change how a recurrence is scheduled, never what it
+computes: the ``lax.scan`` unroll, the backend, the fast backward's chunk length and the
+checkpointed segment length. ``None`` means "this platform's default" (``PLATFORM_DEFAULTS``),
+resolved once per call by ``resolve_options`` before anything is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_bptt.cells import Cell
+from jax_bptt.scan import backward_deltas, scan_states
+
+
+class Backend(NamedTuple):
+    """The two recurrences of the fast path.
+
+    Attributes:
+      scan_states: ``(cell, params, xp, h0, mask=None, reverse=False, unroll=1)
+        -> (final_state, (states, saved))``, as ``jax_bptt.scan.scan_states``.
+      backward_deltas: ``(cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse,
+        unroll) -> Deltas``, as ``jax_bptt.scan.backward_deltas``.
+    """
+
+    scan_states: Callable
+    backward_deltas: Callable
+
+
+class PlatformDefaults(NamedTuple):
+    """What ``None`` in ``ScanOptions`` means on one platform."""
+
+    unroll: int  # lax.scan unroll of both recurrences
+    chunk_bytes: int | None  # bytes of d xp per backward chunk; None: the backward in one chunk
+
+
+# cpu: unroll 1 was the best k in {1, 2, 4, 8, 16} for the fast path in experiments/bench.py's
+# --quick grid; a chunk of 2 MiB of d xp keeps the chunk's weight-gradient GEMMs in cache (a sweep
+# of 0.5-8 MiB put the best at 1-3 MiB; up to 10% faster and 22-36% less temporary memory than one
+# chunk where the (T, B, G) buffer exceeds 2 MiB, experiments/results/bench_cpu.txt).
+# gpu/tpu: one chunk (there the single large GEMMs are the point); unroll 8 is NOT measured yet
+# (no accelerator was available): it amortises the per-iteration loop overhead.
+PLATFORM_DEFAULTS = {
+    "cpu": PlatformDefaults(unroll=1, chunk_bytes=2 * 2**20),
+    "gpu": PlatformDefaults(unroll=8, chunk_bytes=None),
+    "tpu": PlatformDefaults(unroll=8, chunk_bytes=None),
+}
+
+
+class ScanOptions(NamedTuple):
+    """How the recurrences are scheduled (the results are the same up to summation order).
+
+    Attributes:
+      unroll: steps per ``lax.scan`` iteration (an int >= 1, capped at T, or True for all);
+        None: the platform's default.
+      backend: a name in ``backend_names()`` or ``"auto"`` (Pallas where its kernels fit on a
+        GPU, XLA elsewhere).
+      chunk_length: the fast backward runs its reverse scan and weight-gradient GEMMs this many
+        steps at a time, carrying ``d state``; None: about ``chunk_bytes`` of ``d xp`` per chunk.
+      chunk_bytes: the budget behind ``chunk_length=None``; None: the platform's default (on a CPU
+        mesh, ``chunk_bytes=0`` keeps one chunk: XLA all-reduces the chunk loop's gradient carry
+        once per chunk).
+      segment_length: checkpointed mode's segment (``ceil(sqrt(T))`` when None).
+    """
+
+    unroll: int | bool | None = None
+    backend: str = "xla"
+    chunk_length: int | None = None
+    chunk_bytes: int | None = None
+    segment_length: int | None = None
+
+
+_BUILTIN = {"xla": Backend(scan_states, backward_deltas)}
+_REGISTERED: dict[str, Backend] = {}
+
+
+def _pallas() -> Backend:
+    from jax_bptt import pallas_rnn  # imported on demand: Pallas is heavy and GPU-only in use
+
+    kernels = pallas_rnn.make_pallas_backend(with_d_states=False)  # the fast path never reads them
+    return Backend(kernels.scan_states, kernels.backward_deltas)
+
+
+_LAZY = {"pallas": _pallas}
+
+
+def backend_names() -> tuple[str, ...]:
+    return (*_BUILTIN, *_LAZY, *_REGISTERED)
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Make ``ScanOptions(backend=name)`` available for a ``Backend`` of your own."""
+    if not isinstance(name, str) or not name or name in (*_BUILTIN, *_LAZY, "auto"):
+        raise ValueError(f"backend name must be a new non-empty str, got {name!r}")
+    if not isinstance(backend, Backend) or not all(map(callable, backend)):
+        raise TypeError(f"backend must be a Backend of two callables, got {backend!r}")
+    _REGISTERED[name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if name in _LAZY:
+        return _LAZY[name]()
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
+
+
+def _positive_int_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"ScanOptions.{name} must be None or an int >= 1, got {value!r}")
+
+
+def check_options(options) -> ScanOptions:
+    """Validate ``options`` (None: all defaults) before any work."""
+    if options is None:
+        return ScanOptions()
+    if not isinstance(options, ScanOptions):
+        raise TypeError(f"options must be a jax_bptt.ScanOptions, got {type(options).__name__}")
+    if not (options.unroll is None or options.unroll is True):
+        _positive_int_or_none("unroll", options.unroll)
+    _positive_int_or_none("chunk_length", options.chunk_length)
+    _positive_int_or_none("segment_length", options.segment_length)
+    if options.chunk_bytes is not None and (
+        isinstance(options.chunk_bytes, bool)
+        or not isinstance(options.chunk_bytes, int)
+        or options.chunk_bytes < 0
+    ):
+        raise ValueError(f"ScanOptions.chunk_bytes must be None or an int >= 0, got {options!r}")
+    if options.backend != "auto":
+        get_backend(options.backend)
+    return options
+
+
+def default_chunk_length(
+    num_steps: int, batch_size: int, gate_width: int, itemsize: int, chunk_bytes: int | None
+) -> int:
+    """The largest power of two ``K`` with ``K * B * G * itemsize <= chunk_bytes``, or ``T`` (one
+    chunk) for ``chunk_bytes`` None or 0, or where ``K >= T``."""
+    if not chunk_bytes or num_steps == 0:
+        return max(num_steps, 1)
+    per_step = max(1, batch_size * gate_width * itemsize)
+    chunk = 1 << max(0, (chunk_bytes // per_step).bit_length() - 1)
+    return min(chunk, num_steps)
+
+
+def default_segment_length(num_steps: int) -> int:
+    """``ceil(sqrt(T))``: about ``2 sqrt(T)`` stored states in all (boundaries + one segment)."""
+    return max(1, math.ceil(math.sqrt(num_steps)))
+
+
+def resolve_options(
+    options: ScanOptions,
+    cell: Cell,
+    xs_shape: tuple[int, ...],
+    hidden_size: int,
+    dtype,
+    platform: str | None = None,
+) -> ScanOptions:
+    """Every ``None`` replaced by this platform's value for a problem ``xs (T, B, D)``; the result
+    is static (hashable ints and strings) and keys the compiled cores."""
+    platform = jax.default_backend() if platform is None else platform
+    defaults = PLATFORM_DEFAULTS.get(platform, PlatformDefaults(1, None))
+    num_steps, batch_size = xs_shape[0], xs_shape[1]
+    backend = options.backend
+    if backend == "auto":
+        from jax_bptt import pallas_rnn
+
+        backend = pallas_rnn.preferred_backend(batch_size, hidden_size, num_steps, cell, dtype)
+    unroll = defaults.unroll if options.unroll is None else options.unroll
+    if unroll is not True:  # an unroll beyond T only costs compile time and memory
+        unroll = max(1, min(unroll, num_steps))
+    chunk_bytes = defaults.chunk_bytes if options.chunk_bytes is None else options.chunk_bytes
+    if options.chunk_length is None:
+        gate_width = cell.num_gates * hidden_size
+        itemsize = jnp.dtype(dtype).itemsize
+        chunk_length = default_chunk_length(num_steps, batch_size, gate_width, itemsize, chunk_bytes)
+    else:
+        chunk_length = max(1, min(options.chunk_length, num_steps))
+    if options.segment_length is None:
+        segment_length = default_segment_length(num_steps)
+    else:  # a segment longer than T would only pad
+        segment_length = max(1, min(options.segment_length, num_steps))
+    return ScanOptions(unroll, backend, chunk_length, chunk_bytes, segment_length)
