@@ -7,6 +7,7 @@ of any depth and direction. See the README for a tour.
 
 from jax_bptt.backends import Backend, ScanOptions, register_backend
 from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell
+from jax_bptt.generate import generate, init_state, step
 from jax_bptt.losses import Loss
 from jax_bptt.model import init_model, predict, unroll
 from jax_bptt.modes import (
@@ -19,6 +20,8 @@ from jax_bptt.modes import (
     bptt_manual,
     model_loss,
 )
+from jax_bptt.train import fit, make_optimizer, make_train_step
+from jax_bptt.truncated import truncated_bptt
 
 __all__ = [
     "BPTT_MODES",
@@ -43,12 +46,14 @@ __all__ = [
     "fit",
     "generate",
     "get_cell",
+    "init_state",
     "init_model",
     "make_optimizer",
     "make_train_step",
     "model_loss",
     "predict",
     "register_backend",
+    "step",
     "truncated_bptt",
     "unroll",
 ]

@@ -187,7 +187,9 @@ def resolve_options(
     if options.chunk_length is None:
         gate_width = cell.num_gates * hidden_size
         itemsize = jnp.dtype(dtype).itemsize
-        chunk_length = default_chunk_length(num_steps, batch_size, gate_width, itemsize, chunk_bytes)
+        chunk_length = default_chunk_length(
+            num_steps, batch_size, gate_width, itemsize, chunk_bytes
+        )
     else:
         chunk_length = max(1, min(options.chunk_length, num_steps))
     if options.segment_length is None:

@@ -324,8 +324,9 @@ def project_inputs(params: Params, xs: Array) -> Array:
     return xs @ params["W_xh"] + params["b_h"]
 
 
-def step(cell: Cell, params: Params, state: State, x: Array) -> State:
+def step(cell: str | Cell, params: Params, state: State, x: Array) -> State:
     """One full time step ``state_{t-1}, x_t -> state_t`` (unhoisted; for reading and tests)."""
+    cell = get_cell(cell)
     xp = project_inputs(params, x)
     hp = cell.hidden(state) @ params["W_hh"]
     return cell.forward(params, xp, hp, state)[0]

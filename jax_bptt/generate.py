@@ -1,8 +1,10 @@
-"""Sampling token sequences (e.g. text) from a trained next-token model, with a temperature.
+"""Step-at-a-time inference with trained params: ``init_state``, ``step`` and ``generate``.
 
-The model reads one-hot tokens (``input_size == output_size == vocabulary size``). The prompt is
-run through ``unroll``; then each step samples ``token ~ softmax(logits / temperature)`` (argmax
-when ``temperature == 0``), feeds it back one-hot and takes one ``cells.step``.
+``step`` runs one time step through every layer of a unidirectional model (no dropout), so that
+feeding a sequence step by step equals ``jax_bptt.unroll`` on it; ``generate`` samples token
+sequences (e.g. text) from a next-token model with it: the prompt runs through ``unroll``, then
+each step samples ``token ~ softmax(logits / temperature)`` (argmax when ``temperature == 0``)
+and feeds it back one-hot.
 """
 
 from __future__ import annotations
@@ -14,62 +16,130 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bptt.cells import Cell, get_cell, step
-from jax_bptt.model import readout
-from jax_bptt.unroll import unroll
-from jax_bptt.validation import check_model_params
+from jax_bptt.backends import ScanOptions
+from jax_bptt.cells import Cell, get_cell
+from jax_bptt.cells import step as cell_step
+from jax_bptt.model import has_residual, readout, run_scan, stack_forward
+from jax_bptt.validation import (
+    check_params,
+    check_positive_int,
+    check_stack_options,
+    check_state,
+    check_xs,
+)
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "length", "temperature"))
-def _generate(params, key, prompt, *, cell: Cell, length: int, temperature: float):
-    vocab_size = params["cell"]["W_xh"].shape[0]
-    dtype = params["cell"]["W_xh"].dtype
-    hs, state = unroll(cell, params["cell"], jax.nn.one_hot(prompt, vocab_size, dtype=dtype))
-    logits = readout(params["readout"], hs[-1])
+def _check_streaming(params, cell: Cell, residual):
+    shape = check_params(params, cell)
+    check_stack_options(shape, 0.0, None, residual)
+    if "bwd" in shape.directions:
+        raise ValueError(
+            "step-at-a-time inference needs a unidirectional model: a backward direction reads "
+            "the whole sequence first (use jax_bptt.unroll)"
+        )
+    return shape
+
+
+def init_state(params, batch_size: int | None = None, *, cell) -> list:
+    """The zero states ``[{"fwd": state}, ...]`` (leaves ``(batch_size, H)``, or ``(H,)`` for
+    ``batch_size=None``) that ``step`` starts from."""
+    cell = get_cell(cell)
+    shape = _check_streaming(params, cell, False)
+    batch_shape = () if batch_size is None else (check_positive_int("batch_size", batch_size),)
+    zero = cell.zero_state(batch_shape, shape.hidden_size, shape.dtype)
+    return [{"fwd": zero} for _ in range(shape.num_layers)]
+
+
+def _step(params, state, x, *, cell: Cell, residual):
+    """One step through the stack: ``x (b d)`` -> (new states, outputs ``(b o)``)."""
+    new_state, inputs = [], x
+    for i, (layer, layer_state) in enumerate(zip(params["layers"], state, strict=True)):
+        s = cell_step(cell, layer["fwd"], layer_state["fwd"], inputs)
+        out = cell.hidden(s)
+        inputs = out + inputs if has_residual(residual, i) else out
+        new_state.append({"fwd": s})
+    return new_state, readout(params["readout"], inputs)
+
+
+_jitted_step = jax.jit(_step, static_argnames=("cell", "residual"))
+
+
+def step(params, state, x, *, cell, residual=False):
+    """One time step of the model: ``(state, x (B, D)) -> (new state, outputs (B, O))``.
+
+    ``state`` as from ``init_state`` or ``unroll``'s final states; ``x`` may be ``(D,)`` with
+    unbatched states. Equals ``unroll`` step by step.
+
+    Example:
+      >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2)
+      >>> state = init_state(params, 4, cell="gru")
+      >>> state, y = step(params, state, jnp.ones((4, 3)), cell="gru")
+      >>> y.shape
+      (4, 2)
+    """
+    cell = get_cell(cell)
+    shape = _check_streaming(params, cell, residual)
+    x = jnp.asarray(x)
+    check_xs(x[None], shape)
+    batched = x.ndim == 2
+    check_state(state, cell, shape, x.shape[0] if batched else 1, batched)
+    return _jitted_step(params, state, x, cell=cell, residual=residual)
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "residual", "length", "temperature"))
+def _generate(params, key, prompt, *, cell: Cell, residual, length: int, temperature: float):
+    layers = params["layers"]
+    vocab_size, dtype = layers[0]["fwd"]["W_xh"].shape[0], layers[0]["fwd"]["W_xh"].dtype
+    h0 = [{"fwd": cell.zero_state((1,), layer["fwd"]["W_hh"].shape[0], dtype)} for layer in layers]
+    xs = jax.nn.one_hot(prompt, vocab_size, dtype=dtype)[:, None]  # (p 1 v)
+    one_step = ScanOptions(unroll=1)
+    outputs, state, _ = stack_forward(
+        cell, one_step, layers, h0, xs, None, None, residual, run_scan
+    )
+    logits = readout(params["readout"], outputs[-1])
 
     def sample_step(carry, step_key):
         state, logits = carry
         if temperature == 0:
-            token = jnp.argmax(logits).astype(jnp.int32)
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             token = jax.random.categorical(step_key, logits / temperature).astype(jnp.int32)
-        state = step(cell, params["cell"], state, jax.nn.one_hot(token, vocab_size, dtype=dtype))
-        return (state, readout(params["readout"], cell.hidden(state))), token
+        x = jax.nn.one_hot(token, vocab_size, dtype=dtype)
+        return _step(params, state, x, cell=cell, residual=residual), token[0]
 
     _, tokens = jax.lax.scan(sample_step, (state, logits), jax.random.split(key, length))
     return tokens
 
 
-def generate(params, key, prompt_ids, length: int, *, cell, temperature: float = 1.0):
+def generate(params, key, prompt_ids, length: int, *, cell, residual=False, temperature=1.0):
     """Sample ``length`` token ids that continue ``prompt_ids``.
 
     Args:
-      params: ``init_model(...)`` pytree of a model with ``input_size == output_size``.
+      params: ``init_model(...)`` of a unidirectional next-token model, ``input_size ==
+        output_size``, any depth.
       key: ``jax.random`` key.
       prompt_ids: ``(P,)`` integer ids, ``P >= 1``, each in ``[0, vocab_size)``.
       length: number of ids to sample, ``>= 1``.
-      cell: the model's cell name or ``Cell``.
+      cell, residual: the model's.
       temperature: ``> 0`` scales the logits (below 1: more conservative); ``0`` is greedy.
 
     Returns:
       ``(length,)`` int32 ids.
 
     Example:
-      >>> params = init_model(jax.random.key(0), "lstm", 5, 8, 5)
+      >>> params = init_model(jax.random.key(0), "lstm", 5, 8, 5, num_layers=2)
       >>> generate(params, jax.random.key(1), jnp.array([0, 3]), 4, cell="lstm").shape
       (4,)
     """
-    check_model_params(params)
     cell = get_cell(cell)
-    vocab_size = params["cell"]["W_xh"].shape[0]
-    if params["readout"]["W_hy"].shape[-1] != vocab_size:
+    shape = _check_streaming(params, cell, residual)
+    if shape.output_size != shape.input_size:
         raise ValueError(
             "generate needs a next-token model with input_size == output_size, got input_size="
-            f"{vocab_size} and output_size={params['readout']['W_hy'].shape[-1]}"
+            f"{shape.input_size} and output_size={shape.output_size}"
         )
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive int, got {length!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    length = check_positive_int("length", length)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
@@ -78,15 +148,12 @@ def generate(params, key, prompt_ids, length: int, *, cell, temperature: float =
         raise ValueError(
             f"prompt_ids must be a non-empty 1-D integer array, got {prompt.dtype}{prompt.shape}"
         )
-    if prompt.min() < 0 or prompt.max() >= vocab_size:
+    if prompt.min() < 0 or prompt.max() >= shape.input_size:
         raise ValueError(
-            f"prompt_ids must lie in [0, {vocab_size}), got range [{prompt.min()}, {prompt.max()}]"
+            f"prompt_ids must lie in [0, {shape.input_size}), got range "
+            f"[{prompt.min()}, {prompt.max()}]"
         )
     return _generate(
-        params,
-        key,
-        jnp.asarray(prompt, jnp.int32),
-        cell=cell,
-        length=length,
-        temperature=float(temperature),
-    )
+        params, key, jnp.asarray(prompt, jnp.int32),
+        cell=cell, residual=residual, length=length, temperature=float(temperature),
+    )  # fmt: skip

@@ -74,7 +74,10 @@ def _init(key, cell, input_size, hidden_size, output_size, num_layers, direction
         names = [name for name, _ in DIRECTIONS][:directions]
         keys = layer_keys[layer * directions : (layer + 1) * directions]
         layers.append(
-            {name: cell.init(k, layer_input, hidden_size, dtype, *init) for name, k in zip(names, keys, strict=True)}
+            {
+                name: cell.init(k, layer_input, hidden_size, dtype, *init)
+                for name, k in zip(names, keys, strict=True)
+            }
         )
         layer_input = directions * hidden_size
     bound = 1.0 / math.sqrt(layer_input)

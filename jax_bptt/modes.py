@@ -123,7 +123,9 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
     if lengths is None and num_segments * segment_length > num_steps:  # mask the padding
         lengths = jnp.full((batch_size,), num_steps)
     per_step = loss.placement == "per_step"
-    split = functools.partial(split_segments, num_segments=num_segments, segment_length=segment_length)
+    split = functools.partial(
+        split_segments, num_segments=num_segments, segment_length=segment_length
+    )
     inputs = (
         split(xs),
         split(targets) if per_step else None,
@@ -297,4 +299,3 @@ def model_loss(
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _loss_core(params, h0, xs, targets, lengths, **static):
     return stack_loss(params, h0, xs, targets, lengths, None, **static)
-

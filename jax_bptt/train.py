@@ -1,14 +1,21 @@
 """Training: a jitted optax train step over any BPTT mode, and a fit loop around it.
 
 The train step is one ``jax.jit``-compiled function ``(params, opt_state, xs, targets, h0,
-lengths, key) -> (params, opt_state, StepInfo)``: gradients from ``jax_bptt.modes.BPTT_MODES[mode]``
-(or a truncated-BPTT window, ``jax_bptt.truncated``), then any optax ``GradientTransformation``.
-A step whose loss or gradient is not finite leaves params and optimizer state bitwise unchanged.
-Stacked, bidirectional, residual models with dropout between layers (``jax_bptt.deep``, params
-from ``init_deep``) train through the same step, their gradients from ``DEEP_BPTT_MODES[mode]``.
+lengths, key) -> (params, opt_state, StepInfo)``, built from three small parts:
 
-``fit`` runs the step in a loop with a tqdm progress bar, JSON-lines metrics, periodic evaluation
-and atomic checkpoints (``jax_bptt.checkpoints``); it is deterministic given its key (the batch of
+- a gradient function: ``jax_bptt.bptt`` in the chosen mode, or one truncated-BPTT window
+  (``jax_bptt.truncated.window_grads``) whose carry feeds the next step;
+- the optax update;
+- ``keep_if_finite``: a step whose loss or gradient is not finite leaves params and optimizer
+  state bitwise unchanged and resets the carry to zeros. (``optax.apply_if_finite`` guards only on
+  the gradients, changes the optimizer state's layout and cannot reset a carry, so the guard is
+  this module's own.)
+
+The model may have any depth and direction (params from ``init_model``); ``dropout`` between
+layers draws its masks from the step's ``key``.
+
+``fit`` runs the step in a loop with a progress bar, JSON-lines metrics, periodic evaluation and
+atomic checkpoints (``jax_bptt.checkpoints``); it is deterministic given its key (the batch of
 step ``s`` comes from ``step_key = jax.random.fold_in(key, s)``, its dropout masks from
 ``jax.random.fold_in(step_key, DROPOUT_KEY_TAG)``), so a resumed run ends bitwise where an
 uninterrupted one would.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,34 +34,29 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jax_bptt import modes
-from jax_bptt.cells import get_cell
+from jax_bptt.backends import check_options
 from jax_bptt.checkpoints import (
     METADATA,
     atomic_write_bytes,
     has_checkpoint,
     load_checkpoint,
-    model_signature,
     save_checkpoint,
 )
-from jax_bptt.deep import RESIDUALS, deep_bptt_auto, deep_bptt_fast, deep_bptt_manual, deep_unroll
+from jax_bptt.losses import check_loss
+from jax_bptt.modes import BPTT_MODES, bptt
 from jax_bptt.truncated import Truncation, check_truncation, window_grads
-from jax_bptt.validation import LOSSES, PLACEMENTS, REDUCTIONS, check_choice
+from jax_bptt.validation import RESIDUALS, check_choice
 
 METRICS = "metrics.jsonl"
-
-# The modes with a stacked/bidirectional implementation (``jax_bptt.deep``).
-DEEP_BPTT_MODES = {"auto": deep_bptt_auto, "manual": deep_bptt_manual, "fast": deep_bptt_fast}
 
 # fit's dropout key for step s is fold_in(fold_in(key, s), DROPOUT_KEY_TAG): a stream apart from
 # the batch's data key fold_in(key, s), which batch_fn may use as it likes.
 DROPOUT_KEY_TAG = 0x64726F70  # "drop"
 
 # name -> factory(learning_rate); "momentum" is SGD with Nesterov-free momentum 0.9.
-OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "sgd": optax.sgd,
     "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
     "adam": optax.adam,
@@ -63,9 +66,20 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 }
 
 
+def _check_positive_float(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def make_optimizer(
     name: str = "adam",
-    learning_rate: float = 1e-3,
+    learning_rate: float | optax.Schedule = 1e-3,
     *,
     clip_norm: float | None = None,
     clip_value: float | None = None,
@@ -73,16 +87,21 @@ def make_optimizer(
     """An optax optimizer from ``OPTIMIZERS`` with optional gradient clipping in front.
 
     Args:
+      learning_rate: a finite float > 0, or an optax schedule (e.g.
+        ``optax.warmup_cosine_decay_schedule``).
       clip_value: clip every gradient entry to ``[-clip_value, clip_value]`` (``optax.clip``,
         classic char-rnn).
       clip_norm: rescale the whole gradient to global norm at most ``clip_norm``
         (``optax.clip_by_global_norm``, Pascanu et al. 2013). Applied after ``clip_value``.
+
+    Example:
+      >>> opt = make_optimizer("adam", 1e-2, clip_norm=1.0)
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    for arg, value in (("clip_norm", clip_norm), ("clip_value", clip_value)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{arg} must be > 0 or None, got {value!r}")
+    check_choice("optimizer", name, tuple(OPTIMIZERS))
+    if not callable(learning_rate):
+        _check_positive_float("learning_rate", learning_rate)
+    _check_positive_float("clip_norm", clip_norm, allow_none=True)
+    _check_positive_float("clip_value", clip_value, allow_none=True)
     chain = []
     if clip_value is not None:
         chain.append(optax.clip(clip_value))
@@ -98,131 +117,71 @@ class StepInfo(NamedTuple):
     loss: jax.Array  # scalar, before the update
     grad_norm: jax.Array  # global norm of the raw (unclipped) gradient
     finite: jax.Array  # bool: False means the update was skipped
-    carry: Any  # truncated BPTT: the state the next window starts from (None otherwise)
-
-
-def check_mode(mode: str) -> None:
-    """``mode`` must name an entry of ``jax_bptt.modes.BPTT_MODES`` (looked up now, not cached)."""
-    if mode not in modes.BPTT_MODES:
-        raise ValueError(f"mode must be one of {tuple(modes.BPTT_MODES)}, got {mode!r}")
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
+    carry: Any  # truncated BPTT: the states the next window starts from (None otherwise)
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def check_deep_options(num_layers, bidirectional, dropout, residual) -> bool:
-    """Validate the deep-model options; True when they ask for a ``jax_bptt.deep`` model."""
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int (>= 1), got {num_layers!r}")
-    if not isinstance(bidirectional, bool):
-        raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-        raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1) (the probability of zeroing), got {dropout}")
-    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
-    if dropout > 0 and num_layers == 1:
-        raise ValueError(
-            f"dropout={dropout} acts between stacked layers, so it needs num_layers >= 2, got "
-            "num_layers=1"
-        )
-    return num_layers > 1 or bidirectional or residual is not False
+def keep_if_finite(finite: jax.Array, new, old):
+    """``new`` where ``finite`` else ``old``, leaf by leaf (bitwise ``old`` when skipped)."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def is_deep(params) -> bool:
-    """Whether ``params`` are ``init_deep``'s layout (``{"layers": [...], "readout"}``)."""
-    return isinstance(params, dict) and "layers" in params
+def _gradient_fn(*, cell, loss, mode, options, truncation, dropout, residual):
+    """``(params, xs, targets, h0, lengths, key) -> (loss, grads, carry)`` for one step."""
+    model = dict(cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual)
+    if truncation is None:
 
+        def full_sequence(params, xs, targets, h0, lengths, key):
+            grads = bptt(
+                params, xs, targets, lengths=lengths, h0=h0, key=key, options=options, **model
+            )
+            return grads.loss, grads.params, None
 
-def zero_carry(params, cell, batch_size: int):
-    """The zero state entering a sequence, in the layout ``train_step``'s ``h0`` takes: a cell
-    state (leaves ``(batch_size, h)``) for ``init_model`` params, one ``{"fwd", "bwd"?}`` dict of
-    them per layer for ``init_deep`` params. The dtype is the params'."""
-    cell = get_cell(cell)
-    if not is_deep(params):
-        w_hh = params["cell"]["W_hh"]
-        return cell.zero_state((batch_size,), w_hh.shape[0], w_hh.dtype)
-    return [
-        {
-            name: cell.zero_state((batch_size,), p["W_hh"].shape[0], p["W_hh"].dtype)
-            for name, p in layer.items()
-        }
-        for layer in params["layers"]
-    ]
+        return full_sequence
 
+    def window(params, xs, targets, h0, lengths, key):
+        if lengths is not None:
+            raise ValueError("lengths are not supported with truncated BPTT (streams are unpadded)")
+        result = window_grads(
+            params, xs, targets, k1=truncation.k1, k2=truncation.k2, h0=h0, key=key,
+            options=options, **model,
+        )  # fmt: skip
+        return result.loss, result.params, result.carry
 
-def run_signature(params, cell, *, residual=False) -> dict:
-    """``jax_bptt.checkpoints.model_signature`` for either layout: unchanged for ``init_model``
-    params; for ``init_deep`` params also the layer count, directions and residual setting, so a
-    checkpoint only resumes into the same stack (a 1-layer run never loads into a 2-layer one)."""
-    if not is_deep(params):
-        return model_signature(params, cell)
-    layers, w_hy = params["layers"], params["readout"]["W_hy"]
-    first = layers[0]["fwd"]
-    return {
-        "cell": get_cell(cell).name,
-        "num_layers": len(layers),
-        "bidirectional": "bwd" in layers[0],
-        "residual": residual,
-        "input_size": int(first["W_xh"].shape[0]),
-        "hidden_size": int(first["W_hh"].shape[0]),
-        "output_size": int(w_hy.shape[-1]),
-        "dtype": str(first["W_xh"].dtype),
-        "tree": str(jax.tree_util.tree_structure(params)),
-        "shapes": {
-            jax.tree_util.keystr(path): list(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        },
-    }
+    return window
 
 
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     cell,
-    loss: str = "mse",
-    placement: str = "per_step",
-    reduction: str = "mean",
+    loss="mse",
     mode: str = "manual",
-    unroll: int = 1,
+    options=None,
     truncation: Truncation | tuple[int, int] | None = None,
-    num_layers: int = 1,
-    bidirectional: bool = False,
     dropout: float = 0.0,
-    residual: bool | str = False,
+    residual=False,
 ):
     """Build a jitted ``train_step(params, opt_state, xs, targets, h0=None, lengths=None,
     key=None)``.
 
     Args:
       optimizer: any optax ``GradientTransformation`` (e.g. ``make_optimizer("adam", 1e-3)``).
-      cell, loss, placement, reduction, unroll: as in ``jax_bptt.bptt_manual``.
-      mode: a name in ``jax_bptt.modes.BPTT_MODES`` (``"auto"``, ``"manual"``, ...); for a deep
-        model one of ``DEEP_BPTT_MODES``.
+      cell, loss, residual, options: as in ``jax_bptt.bptt``; ``options=None`` keeps the
+        platform's defaults (scan unroll, backward chunk).
+      mode: a name in ``jax_bptt.BPTT_MODES``.
       truncation: ``(k1, k2)`` to train on truncated-BPTT windows: ``xs`` is then a window of
-        ``k1 <= W <= k2`` steps whose last ``k1`` steps carry the loss, ``h0`` the state entering
-        it, and ``StepInfo.carry`` the state the next window starts from
-        (``jax_bptt.truncated``); ``placement`` must be ``"per_step"`` and ``lengths`` None. A
-        deep model takes ``k1 == k2`` only (windows of ``k1`` steps; the carry is every layer's
-        final state) and must be unidirectional (a backward direction has no state to carry).
-      num_layers, bidirectional, dropout, residual: a deep model (``jax_bptt.deep``; params from
-        ``init_deep``, ``h0`` one ``{"fwd", "bwd"?}`` state dict per layer) unless
-        ``num_layers == 1``, not ``bidirectional`` and ``residual is False``: then the
-        single-layer path (params from ``init_model``). ``dropout`` (between layers, so
-        ``num_layers >= 2``) draws its masks from ``train_step``'s ``key``, which it then requires.
+        ``k1 <= W <= k2`` steps whose last ``k1`` steps carry the loss, ``h0`` the states entering
+        it, and ``StepInfo.carry`` the states the next window starts from
+        (``jax_bptt.truncated``); per-step loss, no ``lengths``, unidirectional models.
+      dropout: between layers; its masks come from ``train_step``'s ``key``, which it then needs.
 
     Returns:
-      ``train_step -> (params, opt_state, StepInfo)``. When the loss or any gradient entry is not
-      finite, params and opt_state come back unchanged, ``StepInfo.finite`` is False, and the carry
-      is reset to zeros. ``train_step.needs_key`` says whether it takes a ``key`` (``fit`` passes
-      one derived from the step's key).
+      ``train_step -> (params, opt_state, StepInfo)``; ``train_step.needs_key`` says whether it
+      takes a ``key`` (``fit`` passes one derived from the step's key).
 
     Example:
       >>> opt = make_optimizer("adam", 1e-2, clip_norm=1.0)
@@ -231,147 +190,38 @@ def make_train_step(
       >>> xs, ys = jnp.ones((5, 4, 2)), jnp.zeros((5, 4, 1))
       >>> params, opt_state, info = step(params, opt.init(params), xs, ys)
     """
-    cell = get_cell(cell)
-    check_mode(mode)
-    check_choice("loss", loss, LOSSES)
-    check_choice("placement", placement, PLACEMENTS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    deep = check_deep_options(num_layers, bidirectional, dropout, residual)
+    check_choice("mode", mode, BPTT_MODES)
+    loss = check_loss(loss)
+    options = check_options(options)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     if truncation is not None:
         truncation = check_truncation(*truncation)
-        if placement != "per_step":
-            raise ValueError(f"truncated BPTT needs placement='per_step', got {placement!r}")
-    if deep:
-        if mode not in DEEP_BPTT_MODES:
-            raise ValueError(
-                f"mode={mode!r} has no deep-model implementation (num_layers={num_layers}, "
-                f"bidirectional={bidirectional}, residual={residual!r}); use one of "
-                f"{tuple(DEEP_BPTT_MODES)}"
-            )
-        if truncation is not None and truncation.k1 != truncation.k2:
-            raise ValueError(
-                f"truncated BPTT of a deep model needs k1 == k2 (windows that carry the loss on "
-                f"every step), got k1={truncation.k1}, k2={truncation.k2}"
-            )
-        if truncation is not None and bidirectional:
-            raise ValueError(
-                "truncated BPTT needs bidirectional=False: a backward direction would have to "
-                "start from the future, which a carried state cannot give"
-            )
-    bptt_fn = modes.BPTT_MODES[mode]
-    deep_fn = DEEP_BPTT_MODES.get(mode)
-
-    def gradients(params, xs, targets, h0, lengths):
-        if truncation is None:
-            grads = bptt_fn(
-                params,
-                xs,
-                targets,
-                cell=cell,
-                loss=loss,
-                placement=placement,
-                reduction=reduction,
-                lengths=lengths,
-                h0=h0,
-                unroll=unroll,
-            )
-            return grads.loss, grads.params, None
-        if lengths is not None:
-            raise ValueError("lengths are not supported with truncated BPTT (streams are unpadded)")
-        window = window_grads(
-            params,
-            xs,
-            targets,
-            cell=cell,
-            k1=truncation.k1,
-            k2=truncation.k2,
-            loss=loss,
-            reduction=reduction,
-            h0=h0,
-            mode=mode,
-            unroll=unroll,
-        )
-        return window.loss, window.params, window.carry
-
-    def check_deep_params(params):
-        layers = params.get("layers") if isinstance(params, dict) else None
-        if not isinstance(layers, list | tuple):
-            got = f"keys {sorted(params)}" if isinstance(params, dict) else type(params).__name__
-            raise TypeError(
-                f"a deep train step (num_layers={num_layers}, bidirectional={bidirectional}) "
-                f"takes init_deep params {{'layers': [...], 'readout': ...}}, got {got}"
-            )
-        directions = 2 if bidirectional else 1
-        got_directions = len(layers[0]) if layers and isinstance(layers[0], dict) else None
-        if len(layers) != num_layers or got_directions != directions:
-            raise ValueError(
-                f"params have {len(layers)} layers with {got_directions} direction(s), but the "
-                f"train step was built for num_layers={num_layers}, bidirectional={bidirectional}"
-            )
-
-    def deep_gradients(params, xs, targets, h0, lengths, key):
-        check_deep_params(params)
-        kwargs = dict(cell=cell, dropout=dropout, key=key, residual=residual, unroll=unroll)
-        if truncation is None:
-            grads = deep_fn(
-                params,
-                xs,
-                targets,
-                loss=loss,
-                placement=placement,
-                reduction=reduction,
-                lengths=lengths,
-                h0=h0,
-                **kwargs,
-            )
-            return grads.loss, grads.params, None
-        if lengths is not None:
-            raise ValueError("lengths are not supported with truncated BPTT (streams are unpadded)")
-        if np.ndim(xs) != 3 or np.shape(xs)[0] != truncation.k1:
-            raise ValueError(
-                f"xs must be a (k1, B, D) window with k1={truncation.k1} for truncated BPTT of a "
-                f"deep model, got shape {np.shape(xs)}"
-            )
-        h0 = None if h0 is None else jax.lax.stop_gradient(h0)
-        grads = deep_fn(
-            params,
-            xs,
-            targets,
-            loss=loss,
-            placement="per_step",
-            reduction=reduction,
-            h0=h0,
-            **kwargs,
-        )
-        # The BPTT functions return no final state: one more forward, with the same dropout masks.
-        _, finals = deep_unroll(params=params, xs=xs, h0=h0, **kwargs)
-        return grads.loss, grads.params, jax.lax.stop_gradient(finals)
-
-    needs_key = deep and dropout > 0
+        if loss.placement != "per_step":
+            raise ValueError(f"truncated BPTT needs placement='per_step', got {loss.placement!r}")
+    gradients = _gradient_fn(
+        cell=cell, loss=loss, mode=mode, options=options, truncation=truncation,
+        dropout=dropout, residual=residual,
+    )  # fmt: skip
+    needs_key = dropout > 0
 
     @jax.jit
     def train_step(params, opt_state, xs, targets, h0=None, lengths=None, key=None):
-        if deep:
-            if needs_key and key is None:
-                raise ValueError(
-                    f"dropout={dropout} needs a PRNG key per step for its masks: pass "
-                    "train_step(..., key=jax.random.key(...)) (fit derives one from the step's key)"
-                )
-            value, grads, carry = deep_gradients(params, xs, targets, h0, lengths, key)
-        else:
-            value, grads, carry = gradients(params, xs, targets, h0, lengths)
+        if needs_key and key is None:
+            raise ValueError(
+                f"dropout={dropout} needs a PRNG key per step for its masks: pass "
+                "train_step(..., key=jax.random.key(...)) (fit derives one from the step's key)"
+            )
+        value, grads, carry = gradients(params, xs, targets, h0, lengths, key)
         finite = jnp.isfinite(value) & _all_finite(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-
-        def keep_if_finite(new, old):
-            return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-        params = keep_if_finite(new_params, params)
-        opt_state = keep_if_finite(new_opt_state, opt_state)
+        params = keep_if_finite(finite, optax.apply_updates(params, updates), params)
+        opt_state = keep_if_finite(finite, new_opt_state, opt_state)
         if carry is not None:  # a NaN state would poison every later window: start afresh
-            carry = jax.tree_util.tree_map(lambda c: jnp.where(finite, c, 0), carry)
-        return params, opt_state, StepInfo(value, _global_norm(grads), finite, carry)
+            carry = jax.tree.map(lambda c: jnp.where(finite, c, 0), carry)
+        return params, opt_state, StepInfo(value, optax.global_norm(grads), finite, carry)
 
     train_step.needs_key = needs_key
     return train_step
@@ -411,6 +261,72 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
+class _Restored(NamedTuple):
+    params: Any
+    opt_state: Any
+    carry: Any
+    step: int
+    skipped: int
+    key: jax.Array
+
+
+def _start(run_dir: Path, resume: bool, params, opt_state, key, signature, init_carry) -> _Restored:
+    """Where a run starts: step 0, or (``resume``) the last checkpoint; the metrics after it are
+    dropped, since the resumed run redoes those steps and logs them again."""
+    if not resume and ((run_dir / METRICS).exists() or (run_dir / METADATA).exists()):
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass resume=True to continue it or choose a new "
+            "directory"
+        )
+    start = _Restored(params, opt_state, init_carry, 0, 0, key)
+    if resume and has_checkpoint(run_dir):
+        ckpt = load_checkpoint(
+            run_dir,
+            params_template=params,
+            opt_state_template=opt_state,
+            signature=signature,
+            carry_template=init_carry,
+        )
+        start = _Restored(
+            ckpt.params, ckpt.opt_state, ckpt.carry, ckpt.step, ckpt.skipped, ckpt.key
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _truncate_metrics(run_dir / METRICS, start.step)
+    return start
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain lines (one per logged window) when output is a file."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        self.interactive = enabled and sys.stderr.isatty()
+        self.enabled, self.desc, self.total = enabled, desc, total
+        self.bar = None
+        if self.interactive:
+            from tqdm.auto import tqdm  # an "experiments" extra; imported only for a terminal
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, done: int, shown: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix(shown)  # also refreshes the bar
+        elif self.enabled:
+            text = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"{self.desc} {done}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def fit(
     train_step: Callable,
     params,
@@ -426,6 +342,7 @@ def fit(
     eval_fn: Callable[[Any], dict] | None = None,
     eval_every: int = 0,
     checkpoint_every: int = 0,
+    checkpoint_every_s: float | None = None,
     log_every: int = 10,
     resume: bool = False,
     progress: bool = True,
@@ -447,12 +364,12 @@ def fit(
       key: the run's key; on resume the checkpoint's key is used.
       run_dir: where ``metrics.jsonl`` and the checkpoint go. Must not already hold a run unless
         ``resume`` is set.
-      signature: ``run_signature(params, cell)`` (``jax_bptt.checkpoints.model_signature`` for
-        ``init_model`` params).
+      signature: ``jax_bptt.checkpoints.model_signature(params, cell, residual=...)``.
       config: JSON-serialisable configuration stored with each checkpoint.
       init_carry: the carry before step 0 (also the template for restoring it).
       eval_fn: ``params -> {name: float}``, run every ``eval_every`` steps and at the end.
-      checkpoint_every: steps between checkpoints (0: only at the end).
+      checkpoint_every: steps between checkpoints; ``checkpoint_every_s``: seconds between them
+        (whichever comes first; neither: only at the end).
       log_every: steps per ``"train"`` metrics record (mean loss over those steps).
       tokens_per_step: for the throughput figure (e.g. ``T * B``).
       time_limit_s: stop (evaluate, checkpoint) once this many seconds have passed, even before
@@ -462,36 +379,18 @@ def fit(
     Metrics records (one JSON object per line), all with ``"step"`` (steps done):
       ``{"kind": "train", "loss", "grad_norm", "skipped", "steps_per_s", "tokens_per_s",
       "elapsed_s"}``, ``{"kind": "eval", **eval_fn(params)}``, ``{"kind": "nonfinite",
-      "loss"}`` for each skipped update, and ``{"kind": "stopped", "reason"}``.
+      "loss"}`` for each skipped update, ``{"kind": "resumed"}`` and ``{"kind": "stopped",
+      "reason"}``.
     """
-    from tqdm.auto import tqdm  # an "experiments" extra; imported only when training
-
     run_dir = Path(run_dir)
-    metrics_path = run_dir / METRICS
-    if not resume and (metrics_path.exists() or (run_dir / METADATA).exists()):
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass resume=True to continue it or choose a new "
-            "directory"
-        )
-    opt_state = optimizer.init(params)
-    carry, start, skipped = init_carry, 0, 0
-    if resume and has_checkpoint(run_dir):
-        restored = load_checkpoint(
-            run_dir,
-            params_template=params,
-            opt_state_template=opt_state,
-            signature=signature,
-            carry_template=init_carry,
-        )
-        params, opt_state, carry = restored.params, restored.opt_state, restored.carry
-        start, skipped, key = restored.step, restored.skipped, restored.key
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _truncate_metrics(metrics_path, start)
-
+    state = _start(run_dir, resume, params, optimizer.init(params), key, signature, init_carry)
+    params, opt_state, carry, skipped, key = (
+        state.params, state.opt_state, state.carry, state.skipped, state.key,
+    )  # fmt: skip
     needs_key = getattr(train_step, "needs_key", False)
     history: list[dict] = []
-    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    metrics_file = open(run_dir / METRICS, "a", encoding="utf-8")
+    bar = _Progress(num_steps, state.step, desc, progress)
 
     def log(record: dict) -> None:
         history.append(record)
@@ -501,30 +400,27 @@ def fit(
     def evaluate(step: int) -> None:
         results = {name: float(value) for name, value in eval_fn(params).items()}
         log({"kind": "eval", "step": step, **results})
-        shown = {name: f"{value:.4f}" for name, value in results.items()}
-        bar.set_postfix(loss=f"{last_loss:.4f}", **shown)
+        bar.update(step, {name: f"{value:.4f}" for name, value in results.items()})
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
-            run_dir,
-            step=step,
-            params=params,
-            opt_state=opt_state,
-            key=key,
-            signature=signature,
-            carry=carry,
-            skipped=skipped,
-            config=config,
-        )
+            run_dir, step=step, params=params, opt_state=opt_state, key=key, signature=signature,
+            carry=carry, skipped=skipped, config=config,
+        )  # fmt: skip
 
-    bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
-    window_losses, window_norms, last_loss = [], [], float("nan")
-    started = window_start = time.perf_counter()
-    window_first = done = start
-    stopped_early = False
-    last_eval = None
+    if resume:
+        log({"kind": "resumed", "step": state.step})
+        bar.write(
+            f"resuming {run_dir} at step {state.step} of {num_steps}"
+            if state.step
+            else f"no checkpoint in {run_dir}: starting at step 0"
+        )
+    window_losses, window_norms = [], []
+    started = window_start = last_checkpoint = time.perf_counter()
+    window_first = done = state.step
+    stopped_early, last_eval = False, None
     try:
-        for step in range(start, num_steps):
+        for step in range(state.step, num_steps):
             step_key = jax.random.fold_in(key, step)
             batch = batch_fn(step_key, step, carry)
             if needs_key and "key" not in batch:
@@ -541,11 +437,9 @@ def fit(
             else:
                 window_losses.append(float(loss))
                 window_norms.append(float(grad_norm))
-                last_loss = float(loss)
-            bar.update(1)
-            out_of_time = time_limit_s is not None and time.perf_counter() - started > time_limit_s
+            now = time.perf_counter()
+            out_of_time = time_limit_s is not None and now - started > time_limit_s
             if done % log_every == 0 or done == num_steps or out_of_time:
-                now = time.perf_counter()
                 rate = (done - window_first) / max(now - window_start, 1e-9)
                 record = {
                     "kind": "train",
@@ -559,10 +453,10 @@ def fit(
                 if tokens_per_step:
                     record["tokens_per_s"] = rate * tokens_per_step
                 log(record)
-                postfix = {"loss": f"{record['loss'] or float('nan'):.4f}"}
+                shown = {"loss": f"{record['loss'] or float('nan'):.4f}"}
                 if tokens_per_step:
-                    postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
-                bar.set_postfix(postfix)
+                    shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                bar.update(done, shown)
                 window_losses, window_norms = [], []
                 window_start, window_first = now, done
             if eval_fn is not None and eval_every and done % eval_every == 0:
@@ -573,8 +467,12 @@ def fit(
                 log({"kind": "stopped", "step": done, "reason": f"time limit {time_limit_s} s"})
                 bar.write(f"stopped at step {done} of {num_steps}: time limit {time_limit_s:.0f} s")
                 break
-            if checkpoint_every and done % checkpoint_every == 0 and done < num_steps:
+            due = (checkpoint_every and done % checkpoint_every == 0) or (
+                checkpoint_every_s is not None and now - last_checkpoint >= checkpoint_every_s
+            )
+            if due and done < num_steps:
                 checkpoint(done)
+                last_checkpoint = time.perf_counter()
         if eval_fn is not None and last_eval != done:
             evaluate(done)
         checkpoint(done)

@@ -1,35 +1,36 @@
 """Truncated BPTT, BPTT(k1, k2) in Williams & Peng's (1990) sense, over long streams.
 
-A stream ``xs: (T, B, D)`` with per-step targets is cut into ``T / k1`` chunks of ``k1`` steps.
-For chunk ``j`` (steps ``[j k1, (j + 1) k1)``) the forward runs over the *window*
+A stream ``xs: (T, B, D)`` with per-step targets is cut into ``T / k1`` blocks of ``k1`` steps.
+For block ``j`` (steps ``[j k1, (j + 1) k1)``) the forward runs over the *window*
 
     [s_j, e_j) = [max(0, e_j - k2), e_j),   e_j = (j + 1) k1,   length W_j = e_j - s_j <= k2
 
 starting from the state after step ``s_j - 1`` (the stream's ``h0`` when ``s_j = 0``), with
-``stop_gradient`` on that incoming state: gradients flow back at most ``k2`` steps. Only the last
-``k1`` steps of the window (the chunk itself) contribute loss terms, so every step's loss is
-counted exactly once over the stream; the first ``k2 - k1`` steps of a window only carry the
-gradient further back. ``k1 = k2`` is the common "split into chunks and carry the state" scheme;
-``k1 = k2 = T`` is full BPTT.
+``stop_gradient`` on that incoming state: gradients flow back at most ``k2`` steps. Only the
+last ``k1`` steps of the window (the block itself, its *tail*) contribute loss terms, so every
+step's loss is counted exactly once over the stream; the first ``k2 - k1`` steps of a window only
+carry the gradient further back. ``k1 = k2`` is the common "split into blocks and carry the
+state" scheme; ``k1 = k2 = T`` is full BPTT.
 
 What is summed/averaged (``reduction``, as in ``jax_bptt.losses``):
 
-- chunk loss ``L_j``: the ``sequence_loss`` of the chunk's ``k1 * B`` per-step terms
+- block loss ``L_j``: the ``sequence_loss`` of the block's ``k1 * B`` per-step terms
   (``"mean"``: divided by ``k1 * B``; ``"sum"``: summed);
-- stream loss (``truncated_bptt``): ``"mean"``: ``(1 / n) sum_j L_j`` with ``n = T / k1`` chunks,
+- stream loss (``truncated_bptt``): ``"mean"``: ``(1 / n) sum_j L_j`` with ``n = T / k1`` blocks,
   which equals the mean over all ``T * B`` terms; ``"sum"``: ``sum_j L_j``. The gradient is the same
-  combination of the chunk gradients ``dL_j/dparams``, each truncated to its window.
+  combination of the block gradients ``dL_j/dparams``, each truncated to its window.
 
-The carry between windows is the state the next window starts from, after step ``s_{j+1} - 1``,
-local index ``W_j + k1 - k2 - 1`` of this window (``k1 - 1`` for a full window; the final state
-when ``k1 = k2``); when that index is negative the next window also starts at step 0 and the carry
-is the stream's ``h0``.
+The model may have any depth (unidirectional: a backward direction would need the future). The
+carry between windows is every layer's state the next window starts from, after step
+``s_{j+1} - 1``, local index ``W_j + k1 - k2 - 1`` of this window (``k1 - 1`` for a full window;
+the final state when ``k1 = k2``); when that index is negative the next window also starts at
+step 0 and the carry is the stream's ``h0``.
 
-Gradients: ``mode="auto"`` is ``jax.value_and_grad`` of the window loss. Any other name in
-``jax_bptt.modes.BPTT_MODES`` (``"manual"``, ...) runs that implementation on the chunk with
-``h0`` = the state entering the chunk, then backpropagates the returned ``d h0`` through the
-window's first ``W - k1`` steps with ``backward_scan``; one extra forward over the chunk gives the
-carry, because the BPTT functions do not return the final state.
+Gradients: ``mode="auto"`` is ``jax.value_and_grad`` of the window loss. Any other mode of
+``jax_bptt.modes`` runs on the tail with ``h0`` = the states entering it, and
+``model.stack_backward`` carries the returned ``d h0`` back through the window's first ``W - k1``
+steps (no loss terms there, so only that cotangent flows); one taped forward over the window gives
+those steps' saved values and the carry.
 """
 
 from __future__ import annotations
@@ -40,12 +41,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_bptt import modes
-from jax_bptt.bptt import backward_scan, prepare
-from jax_bptt.cells import Cell, get_cell, project_inputs
-from jax_bptt.losses import sequence_loss
-from jax_bptt.model import readout
-from jax_bptt.unroll import scan_states
+from jax_bptt.losses import Loss, check_loss, sequence_loss
+from jax_bptt.model import prepare, readout, run_scan, stack_backward, stack_forward
+from jax_bptt.modes import BPTT_MODES, CORES
+from jax_bptt.validation import check_choice, check_targets
 
 
 class Truncation(NamedTuple):
@@ -56,19 +55,11 @@ class Truncation(NamedTuple):
 
 
 class WindowResult(NamedTuple):
-    """One window's loss (its last ``k1`` steps), gradients and the next window's start state."""
+    """One window's loss (its last ``k1`` steps), gradients and the next window's start states."""
 
     loss: jax.Array
     params: dict  # gradient pytree, structure of the model params
-    carry: Any  # state (leaves (b h)), stop-gradient
-
-
-class TruncatedGradients(NamedTuple):
-    """A whole stream at fixed params: combined loss and gradients, and the last carry."""
-
-    loss: jax.Array
-    params: dict
-    carry: Any
+    carry: Any  # one {"fwd": state} per layer (leaves (b h)), stop-gradient
 
 
 def check_truncation(k1, k2, num_steps: int | None = None) -> Truncation:
@@ -77,94 +68,95 @@ def check_truncation(k1, k2, num_steps: int | None = None) -> Truncation:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if k1 < 1:
-        raise ValueError(f"k1 (steps per chunk) must be >= 1, got k1={k1}")
+        raise ValueError(f"k1 (steps per block) must be >= 1, got k1={k1}")
     if k2 < k1:
         raise ValueError(
-            f"k2 (steps to backpropagate) must be >= k1 (steps per chunk), got k1={k1}, k2={k2}"
+            f"k2 (steps to backpropagate) must be >= k1 (steps per block), got k1={k1}, k2={k2}"
         )
     if num_steps is not None:
         if num_steps % k1 != 0:
             raise ValueError(
                 f"the sequence length T={num_steps} must be a multiple of k1={k1} "
-                "(every chunk has k1 steps)"
+                "(every block has k1 steps)"
             )
         if k2 > num_steps:
             raise ValueError(f"k2={k2} must be <= the sequence length T={num_steps}")
     return Truncation(k1, k2)
 
 
-def window_bounds(chunk: int, k1: int, k2: int) -> tuple[int, int]:
-    """``(start, end)`` of chunk ``chunk``'s window in stream steps: ``[max(0, e - k2), e)``."""
-    end = (chunk + 1) * k1
+def window_bounds(block: int, k1: int, k2: int) -> tuple[int, int]:
+    """``(start, end)`` of block ``block``'s window in stream steps: ``[max(0, e - k2), e)``."""
+    end = (block + 1) * k1
     return max(0, end - k2), end
 
 
-def _carry_from(states, h_start, index: int):
-    """The state after window-local step ``index``; ``h_start`` when ``index < 0``."""
+def _states_at(tapes, h_start, index: int) -> list:
+    """Every layer's state after window-local step ``index``; ``h_start`` when ``index < 0``."""
     if index < 0:
         return h_start
-    return jax.tree_util.tree_map(lambda s: s[index], states)
+    return [{"fwd": jax.tree_util.tree_map(lambda s: s[index], t.runs["fwd"][0])} for t in tapes]
 
 
-def _window_loss(params, h_start, xs, targets, *, cell: Cell, loss, reduction, k1, unroll):
-    """Loss of the last ``k1`` steps of the window ``xs: (W b d)``, and the window's states."""
-    xp = project_inputs(params["cell"], xs)
-    _, (states, _) = scan_states(cell, params["cell"], xp, h_start, unroll=unroll)
-    ys = readout(params["readout"], cell.hidden(states)[-k1:])
-    value = sequence_loss(ys, targets[-k1:], loss=loss, placement="per_step", reduction=reduction)
-    return value, states
+def _slice_tapes(tapes, stop: int):
+    """The tapes of the window's first ``stop`` steps."""
+    return jax.tree_util.tree_map(lambda a: a[:stop], tapes)
 
 
-_STATIC = ("cell", "loss", "reduction", "k1", "k2", "mode", "unroll")
+def _window_loss(params, h_start, xs, targets, drops, *, cell, loss, residual, options, k1):
+    """Loss of the last ``k1`` steps of the window ``xs: (W b d)``, and the window's tapes."""
+    outputs, _, tapes = stack_forward(
+        cell, options, params["layers"], h_start, xs, None, drops, residual, run_scan
+    )
+    ys = readout(params["readout"], outputs[-k1:])
+    return sequence_loss(ys, targets[-k1:], loss), tapes
+
+
+_STATIC = ("cell", "loss", "residual", "options", "k1", "k2", "mode")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _window_core(params, h_start, xs, targets, *, cell, loss, reduction, k1, k2, mode, unroll):
+def _window_core(
+    params, h_start, xs, targets, drops, *, cell, loss, residual, options, k1, k2, mode
+):
     h_start = jax.lax.stop_gradient(h_start)
     num_steps = xs.shape[0]
     carry_index = num_steps + k1 - k2 - 1
-    static = dict(cell=cell, loss=loss, reduction=reduction, k1=k1, unroll=unroll)
+    static = dict(cell=cell, loss=loss, residual=residual, options=options)
     if mode == "auto":
-        (value, states), grads = jax.value_and_grad(
-            functools.partial(_window_loss, **static), has_aux=True
-        )(params, h_start, xs, targets)
-        return WindowResult(value, grads, _carry_from(states, h_start, carry_index))
+        (value, tapes), grads = jax.value_and_grad(
+            functools.partial(_window_loss, k1=k1, **static), has_aux=True
+        )(params, h_start, xs, targets, drops)
+        return WindowResult(
+            value, grads, jax.lax.stop_gradient(_states_at(tapes, h_start, carry_index))
+        )
 
-    p = params["cell"]
+    _, tapes = _window_loss(params, h_start, xs, targets, drops, k1=k1, **static)
     prefix = num_steps - k1  # steps that only carry the gradient further back
-    h_chunk, states_pre, res_pre = h_start, None, None
-    if prefix > 0:
-        _, (states_pre, res_pre) = scan_states(
-            cell, p, project_inputs(p, xs[:prefix]), h_start, unroll=unroll
-        )
-        h_chunk = jax.tree_util.tree_map(lambda s: s[-1], states_pre)
-    chunk = modes.BPTT_MODES[mode](
-        params,
-        xs[prefix:],
-        targets[prefix:],
-        cell=cell,
-        loss=loss,
-        placement="per_step",
-        reduction=reduction,
-        h0=h_chunk,
-        unroll=unroll,
-    )
-    grads = chunk.params
-    if prefix > 0:
-        d_hs = jnp.zeros((prefix, *cell.hidden(h_start).shape), xs.dtype)
-        d_cell_pre, _, _ = backward_scan(
-            cell, p, xs[:prefix], h_start, None, states_pre, res_pre, d_hs, chunk.h0, unroll=unroll
-        )
-        grads = {**grads, "cell": jax.tree_util.tree_map(jnp.add, grads["cell"], d_cell_pre)}
+    h_tail = _states_at(tapes, h_start, prefix - 1)
+    tail = None if drops is None else [d[prefix:] for d in drops]
+    grads = CORES[mode](params, h_tail, xs[prefix:], targets[prefix:], None, tail, **static)
+    d_params = grads.params
+    if prefix > 0:  # no loss term before the tail: only d h_tail flows back through the prefix
+        features = params["readout"]["W_hy"].shape[0]
+        d_layers, _, _ = stack_backward(
+            cell, options, params["layers"], h_start, _slice_tapes(tapes, prefix), None,
+            None if drops is None else [d[:prefix] for d in drops], residual,
+            jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0,
+        )  # fmt: skip
+        d_params = {
+            **d_params,
+            "layers": jax.tree_util.tree_map(jnp.add, d_params["layers"], d_layers),
+        }
+    carry = _states_at(tapes, h_start, carry_index)
+    return WindowResult(grads.loss, d_params, jax.lax.stop_gradient(carry))
 
-    if carry_index < prefix:
-        carry = _carry_from(states_pre, h_start, carry_index)
-    else:  # inside the chunk: the mode does not return its states, so run the forward again
-        _, (states_chunk, _) = scan_states(
-            cell, p, project_inputs(p, xs[prefix:]), h_chunk, unroll=unroll
-        )
-        carry = _carry_from(states_chunk, h_chunk, carry_index - prefix)
-    return WindowResult(chunk.loss, grads, jax.lax.stop_gradient(carry))
+
+def _check_mode_and_loss(mode, loss) -> Loss:
+    check_choice("mode", mode, BPTT_MODES)
+    loss = check_loss(loss)
+    if loss.placement != "per_step":
+        raise ValueError(f"truncated BPTT needs loss.placement='per_step', got {loss.placement!r}")
+    return loss
 
 
 def window_grads(
@@ -175,61 +167,53 @@ def window_grads(
     cell,
     k1: int,
     k2: int,
-    loss: str = "cross_entropy",
-    reduction: str = "mean",
+    loss: Loss | str = "cross_entropy",
     h0=None,
     mode: str = "manual",
-    unroll: int = 1,
+    dropout: float = 0.0,
+    key=None,
+    residual=False,
+    options=None,
 ) -> WindowResult:
     """Loss and gradients of one truncated-BPTT window (the unit of one training step).
 
     Args:
-      params: ``init_model(...)`` pytree.
+      params: ``init_model(...)`` pytree, any depth, unidirectional.
       xs: ``(W, B, D)`` the window's inputs, ``k1 <= W <= k2`` (``W < k2`` only for windows that
         start at the stream's first step).
       targets: per-step targets for the window (``(W, B)`` int ids for cross_entropy,
         ``(W, B, O)`` for mse); only the last ``k1`` steps count.
-      h0: the state entering the window (stop-gradient is applied), default zeros.
-      mode: ``"auto"`` or any other name in ``jax_bptt.modes.BPTT_MODES``.
+      h0: the states entering the window (stop-gradient is applied), default zeros.
+      mode: a name in ``jax_bptt.BPTT_MODES``.
+      loss, dropout, key, residual, options: as for ``jax_bptt.bptt`` (per-step placement only).
 
     Returns:
-      ``WindowResult(loss, params, carry)`` where ``carry`` is the state the next window starts
+      ``WindowResult(loss, params, carry)`` where ``carry`` is the states the next window starts
       from (see the module docstring).
     """
     k1, k2 = check_truncation(k1, k2)
-    if mode != "auto" and mode not in modes.BPTT_MODES:
-        raise ValueError(f"mode must be 'auto' or one of {tuple(modes.BPTT_MODES)}, got {mode!r}")
-    cell, batch = prepare(
-        params,
-        xs,
-        targets,
-        cell=cell,
-        loss=loss,
-        placement="per_step",
-        reduction=reduction,
-        lengths=None,
-        h0=h0,
-    )
-    if not batch.batched:
+    loss = _check_mode_and_loss(mode, loss)
+    run = prepare(
+        params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
+        residual=residual, options=options,
+    )  # fmt: skip
+    if not run.batch.batched:
         raise ValueError(f"xs must be batched (W, B, D) for truncated BPTT, got shape {xs.shape}")
-    num_steps = batch.xs.shape[0]
+    if "bwd" in run.shape.directions:
+        raise ValueError(
+            "truncated BPTT needs a unidirectional model: a backward direction would have to "
+            "start from the future, which a carried state cannot give"
+        )
+    num_steps, batch_size = run.batch.xs.shape[:2]
     if not k1 <= num_steps <= k2:
         raise ValueError(
             f"a window must have k1 <= W <= k2 steps, got W={num_steps} with k1={k1}, k2={k2}"
         )
+    targets = check_targets(targets, loss, num_steps, batch_size, run.shape.output_size, True)
     return _window_core(
-        params,
-        batch.h0,
-        batch.xs,
-        batch.targets,
-        cell=get_cell(cell),
-        loss=loss,
-        reduction=reduction,
-        k1=k1,
-        k2=k2,
-        mode=mode,
-        unroll=unroll,
-    )
+        params, run.batch.h0, run.batch.xs, targets, run.drops,
+        cell=run.cell, loss=loss, residual=residual, options=run.options, k1=k1, k2=k2, mode=mode,
+    )  # fmt: skip
 
 
 def truncated_bptt(
@@ -240,28 +224,28 @@ def truncated_bptt(
     cell,
     k1: int,
     k2: int,
-    loss: str = "cross_entropy",
-    reduction: str = "mean",
+    loss: Loss | str = "cross_entropy",
     h0=None,
     mode: str = "manual",
-    unroll: int = 1,
-) -> TruncatedGradients:
-    """BPTT(k1, k2) over a whole stream at fixed params (no updates between chunks).
+    residual=False,
+    options=None,
+) -> WindowResult:
+    """BPTT(k1, k2) over a whole stream at fixed params (no updates between blocks).
 
     Args:
       xs: ``(T, B, D)`` stream, ``T`` a multiple of ``k1`` and ``k2 <= T``.
       targets: per-step targets ``(T, B)`` (cross_entropy ids) or ``(T, B, O)`` (mse).
-      h0: the stream's initial state, default zeros.
+      h0: the stream's initial states, default zeros.
       Other arguments as in ``window_grads``.
 
     Returns:
-      ``TruncatedGradients(loss, params, carry)``: the chunk losses and gradients combined as the
+      ``WindowResult(loss, params, carry)``: the block losses and gradients combined as the
       module docstring says (``k1 = k2 = T`` gives exactly full BPTT), and the last window's
-      carry: the state after step ``T + k1 - k2 - 1``, where the window after the stream's
-      last chunk would start (the final state when ``k1 = k2``).
+      carry: the states after step ``T + k1 - k2 - 1``, where the window after the stream's
+      last block would start (the final states when ``k1 = k2``).
 
     Example:
-      >>> params = init_model(jax.random.key(0), "lstm", 3, 8, 3)
+      >>> params = init_model(jax.random.key(0), "lstm", 3, 8, 3, num_layers=2)
       >>> xs, ys = jnp.ones((12, 2, 3)), jnp.zeros((12, 2), jnp.int32)
       >>> truncated_bptt(params, xs, ys, cell="lstm", k1=4, k2=6).loss.shape
       ()
@@ -269,26 +253,17 @@ def truncated_bptt(
     shape = getattr(xs, "shape", ())
     if len(shape) != 3:
         raise ValueError(f"xs must have shape (T, B, D) for truncated BPTT, got shape {shape}")
-    num_steps = shape[0]
-    k1, k2 = check_truncation(k1, k2, num_steps)
-    num_chunks = num_steps // k1
+    k1, k2 = check_truncation(k1, k2, shape[0])
+    loss = _check_mode_and_loss(mode, loss)
+    num_blocks = shape[0] // k1
     carry, total_loss, total_grads = h0, 0.0, None
-    for chunk in range(num_chunks):
+    for block in range(num_blocks):
         # A short window (end < k2) starts at step 0; its carry is then the stream's h0 again.
-        start, end = window_bounds(chunk, k1, k2)
+        start, end = window_bounds(block, k1, k2)
         result = window_grads(
-            params,
-            xs[start:end],
-            targets[start:end],
-            cell=cell,
-            k1=k1,
-            k2=k2,
-            loss=loss,
-            reduction=reduction,
-            h0=carry,
-            mode=mode,
-            unroll=unroll,
-        )
+            params, xs[start:end], targets[start:end], cell=cell, k1=k1, k2=k2, loss=loss,
+            h0=carry, mode=mode, residual=residual, options=options,
+        )  # fmt: skip
         carry = result.carry
         total_loss = total_loss + result.loss
         total_grads = (
@@ -296,6 +271,6 @@ def truncated_bptt(
             if total_grads is None
             else jax.tree_util.tree_map(jnp.add, total_grads, result.params)
         )
-    scale = 1.0 / num_chunks if reduction == "mean" else 1.0
+    scale = 1.0 / num_blocks if loss.reduction == "mean" else 1.0
     total_grads = jax.tree_util.tree_map(lambda g: g * scale, total_grads)
-    return TruncatedGradients(total_loss * scale, total_grads, carry)
+    return WindowResult(total_loss * scale, total_grads, carry)

@@ -110,7 +110,9 @@ def check_params(params, cell: Cell) -> ModelShape:
     first = layers[0]
     if not isinstance(first, dict) or set(first) not in ({"fwd"}, {"fwd", "bwd"}):
         got = f"keys {sorted(first)}" if isinstance(first, dict) else type(first).__name__
-        raise TypeError(f"params['layers'][0] must be a dict {{'fwd': ..., 'bwd'?: ...}}, got {got}")
+        raise TypeError(
+            f"params['layers'][0] must be a dict {{'fwd': ..., 'bwd'?: ...}}, got {got}"
+        )
     directions = tuple(name for name, _ in DIRECTIONS if name in first)
     w_xh, w_hh = first["fwd"].get("W_xh"), first["fwd"].get("W_hh")
     if not hasattr(w_xh, "shape") or not hasattr(w_hh, "shape") or w_xh.ndim != 2 or w_hh.ndim != 2:
@@ -123,9 +125,11 @@ def check_params(params, cell: Cell) -> ModelShape:
         raise TypeError(f"params must be floating point, got W_hh dtype {dtype}")
     layer_input = input_size
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or tuple(n for n, _ in DIRECTIONS if n in layer) != (
-            directions
-        ) or len(layer) != len(directions):
+        if (
+            not isinstance(layer, dict)
+            or tuple(n for n, _ in DIRECTIONS if n in layer) != (directions)
+            or len(layer) != len(directions)
+        ):
             got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             raise ValueError(
                 f"params['layers'][{i}] must have the directions {list(directions)} like layer 0 "
