@@ -75,6 +75,13 @@ def _per_step_targets(targets, placement, num_steps):
     return jnp.broadcast_to(targets[None], (num_steps, *targets.shape))
 
 
+def _counted_targets(targets, weights):
+    """Targets with the uncounted ones replaced by 0: a NaN (or any value) in padding must reach
+    neither the loss nor, through ``0 * NaN`` in a derivative, the gradients."""
+    picked = weights > 0
+    return jnp.where(picked[..., None] if targets.ndim > weights.ndim else picked, targets, 0)
+
+
 def _terms(ys, targets, loss):
     if loss == "mse":
         return jnp.mean((ys - targets) ** 2, axis=-1)
@@ -93,7 +100,7 @@ def sequence_loss(ys, targets, loss: Loss, lengths=None) -> jax.Array:
     num_steps, batch_size = ys.shape[:2]
     targets = _per_step_targets(targets, loss.placement, num_steps)
     weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
-    terms = _terms(ys, targets, loss.kind)
+    terms = _terms(ys, _counted_targets(targets, weights), loss.kind)
     # where, not multiply: a masked term may be inf/NaN (padding) and must not poison the sum.
     return jnp.sum(jnp.where(weights > 0, terms, 0) * _scale(weights, loss.reduction))
 
@@ -109,6 +116,7 @@ def sequence_loss_grad(ys, targets, loss: Loss, lengths=None) -> jax.Array:
     num_steps, batch_size, output_size = ys.shape
     targets = _per_step_targets(targets, loss.placement, num_steps)
     weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
+    targets = _counted_targets(targets, weights)
     weights = _scale(weights, loss.reduction)
     if loss.kind == "mse":
         d_terms = 2.0 * (ys - targets) / output_size

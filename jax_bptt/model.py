@@ -222,7 +222,9 @@ def stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run=r
     """``(outputs (t b f), final states, tapes)`` of the whole stack; ``run`` (one of ``RUNS``) is
     called once per layer and direction."""
     mask = length_mask(lengths, xs.shape[0])
-    inputs, finals, tapes = xs, [], []
+    # Inputs past a length must not reach anything: a NaN there would make 0 * NaN in the weight
+    # gradients (PyTorch's packed sequences never read padding either).
+    inputs, finals, tapes = masked(mask, xs), [], []
     for i, layer in enumerate(layers):
         outs, runs, final = [], {}, {}
         for name, reverse in _directions(layer):

@@ -220,8 +220,9 @@ def bptt(
     )  # fmt: skip
     num_steps, batch_size = run.batch.xs.shape[:2]
     targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched
-    )
+        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
+        run.batch.lengths,
+    )  # fmt: skip
     grads = CORES[mode](
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.drops,
         cell=run.cell, loss=loss, residual=residual, options=run.options,
@@ -288,8 +289,9 @@ def model_loss(
     )  # fmt: skip
     num_steps, batch_size = run.batch.xs.shape[:2]
     targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched
-    )
+        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
+        run.batch.lengths,
+    )  # fmt: skip
     return _loss_core(
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths,
         cell=run.cell, loss=loss, residual=residual, options=run.options,

@@ -242,11 +242,16 @@ def check_state(h0, cell: Cell, shape: ModelShape, batch_size: int, batched: boo
     return states
 
 
-def check_targets(targets, loss: Loss, num_steps: int, batch_size: int, output_size: int, batched):
+def check_targets(
+    targets, loss: Loss, num_steps: int, batch_size: int, output_size: int, batched, lengths=None
+):
     """Validate targets against the loss; return them with a batch axis.
 
     mse: float targets ``(T, B, O)`` per step, ``(B, O)`` last step.
-    cross_entropy: integer class ids ``(T, B)`` per step, ``(B,)`` last step.
+    cross_entropy: integer class ids ``(T, B)`` per step, ``(B,)`` last step, in ``[0, O)``
+    wherever a term counts (steps past a length may hold anything, e.g. -1 as padding). The range
+    is checked when the ids (and lengths) are concrete; traced ids out of range give a NaN or
+    wrong loss, as ``jnp.take_along_axis`` does.
     (Unbatched: the same without ``B``.)
     """
     lead = (num_steps,) if loss.placement == "per_step" else ()
@@ -269,7 +274,27 @@ def check_targets(targets, loss: Loss, num_steps: int, batch_size: int, output_s
         )
     if not batched:
         targets = jnp.expand_dims(jnp.asarray(targets), 1 if loss.placement == "per_step" else 0)
+    if loss.kind == "cross_entropy" and _is_concrete(targets) and _is_concrete(lengths):
+        _check_class_ids(np.asarray(targets), loss.placement, output_size, lengths)
     return jnp.asarray(targets)
+
+
+def _check_class_ids(ids: np.ndarray, placement: str, output_size: int, lengths) -> None:
+    """Every counted class id in ``[0, O)``; ``ids`` batched ``(T, B)`` or ``(B,)``."""
+    counted = np.ones(ids.shape, bool)
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if placement == "per_step":
+            counted = np.arange(ids.shape[0])[:, None] < lengths[None, :]
+        else:
+            counted = lengths > 0
+    bad = counted & ((ids < 0) | (ids >= output_size))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"targets must be class ids in [0, {output_size}) (output_size) wherever a loss term "
+            f"counts, got {ids[where]} at index {where}"
+        )
 
 
 def check_stack_options(shape: ModelShape, dropout, key, residual) -> None:
