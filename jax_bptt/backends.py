@@ -180,6 +180,11 @@ def resolve_options(
         from jax_bptt import pallas_rnn
 
         backend = pallas_rnn.preferred_backend(batch_size, hidden_size, num_steps, cell, dtype)
+    if backend == "pallas" and cell.pointwise_params:
+        raise ValueError(
+            f"backend 'pallas' cannot run cell {cell.name!r}: its kernels take no gradients of "
+            f"pointwise params {cell.pointwise_params}; use backend='xla'"
+        )
     unroll = defaults.unroll if options.unroll is None else options.unroll
     if unroll is not True:  # an unroll beyond T only costs compile time and memory
         unroll = max(1, min(unroll, num_steps))

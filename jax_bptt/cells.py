@@ -58,6 +58,12 @@ class Cell(NamedTuple):
       backward: ``(params, residuals, state_prev, d_state) -> (d_state_prev, d_xp, d_hp)``,
         pointwise; ``d_state_prev`` excludes the ``d_hp @ W_hh^T`` term, which the caller adds.
       bias_grads: ``(d_xp_sum, d_hp_sum) -> {bias name: gradient}``.
+      pointwise_params: names of params that ``forward`` reads itself (not through ``xp``/``hp``);
+        their gradients come from ``backward``'s optional fourth result (``make_cell`` derives
+        it), summed over steps.
+
+    Build one with ``make_cell`` (keywords, defaults for an ``h``-only state, and a backward
+    derived by ``jax.vjp`` when none is written).
     """
 
     name: str
@@ -67,8 +73,9 @@ class Cell(NamedTuple):
     hidden: Callable[[State], Array]
     with_hidden: Callable[[State, Array], State]
     forward: Callable[..., tuple[State, Any]]
-    backward: Callable[..., tuple[State, Array, Array]]
+    backward: Callable[..., tuple]
     bias_grads: Callable[[Array, Array], Params]
+    pointwise_params: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +310,99 @@ GRU = Cell(
     _gru_backward,
     _gru_bias_grads,
 )
+
+
+# --------------------------------------------------------------------------------------------
+# A cell from its forward alone
+
+
+def _derived_backward(forward: Callable, pointwise_params: tuple[str, ...]) -> Callable:
+    """The pointwise backward of ``forward(params, xp, hp, state_prev) -> state`` by ``jax.vjp``.
+
+    The forward saves its inputs ``(xp, hp)`` and the backward re-runs it under ``jax.vjp``: one
+    more pointwise forward per step than a hand-written backward, no derivation by hand.
+    """
+
+    def backward(params, saved, state_prev, d_state):
+        xp, hp = saved
+        pointwise = {name: params[name] for name in pointwise_params}
+
+        def step(pointwise, xp, hp, state_prev):
+            return forward({**params, **pointwise}, xp, hp, state_prev)
+
+        _, vjp = jax.vjp(step, pointwise, xp, hp, state_prev)
+        d_pointwise, d_xp, d_hp, d_prev = vjp(d_state)
+        if pointwise_params:
+            return d_prev, d_xp, d_hp, d_pointwise
+        return d_prev, d_xp, d_hp
+
+    return backward
+
+
+def make_cell(
+    name: str,
+    *,
+    num_gates: int,
+    forward: Callable,
+    backward: Callable | None = None,
+    init: Callable | None = None,
+    zero_state: Callable = _zero_h,
+    hidden: Callable = _h_itself,
+    with_hidden: Callable = _replace_h,
+    bias_grads: Callable = _sum_xp_bias,
+    pointwise_params: tuple[str, ...] = (),
+) -> Cell:
+    """A ``Cell`` from keywords; every BPTT mode (manual, fast, checkpointed, truncated, any depth)
+    then runs it with the hoisted GEMMs.
+
+    Args:
+      name: a label (errors and reports use it).
+      num_gates: G: the projections ``xp = x W_xh + b_h`` and ``hp = h W_hh`` are ``(b, G*H)``.
+      forward: with ``backward=None``, ``(params, xp, hp, state_prev) -> state``, pointwise; its
+        backward is derived by ``jax.vjp``. With a hand-written ``backward``,
+        ``(params, xp, hp, state_prev) -> (state, saved)`` (see ``Cell``).
+      init: ``(key, input_size, hidden_size, dtype, recurrent_init) -> params``; default the
+        shared ``W_xh (d gh)``, ``W_hh (h gh)``, ``b_h (gh,)`` with PyTorch's uniform init.
+      zero_state, hidden, with_hidden: for a state other than ``h (b h)``, e.g. ``(h, c)``.
+      bias_grads: ``(d_xp_sum, d_hp_sum) -> {bias: gradient}``; default ``{"b_h": d_xp_sum}``.
+      pointwise_params: params the forward reads itself, besides ``xp`` and ``hp`` (e.g. the GRU's
+        ``b_hn``); with a derived backward their gradients come from ``jax.vjp`` too.
+
+    Example (a minimal gated unit, Zhou et al. 2016, with its backward derived):
+      >>> def mgu(params, xp, hp, h_prev):
+      ...     x_f, x_n = jnp.split(xp, 2, axis=-1)
+      ...     h_f, h_n = jnp.split(hp, 2, axis=-1)
+      ...     f = jax.nn.sigmoid(x_f + h_f)
+      ...     return (1 - f) * h_prev + f * jnp.tanh(x_n + f * h_n)
+      >>> MGU = make_cell("mgu", num_gates=2, forward=mgu)
+      >>> params = init_model(jax.random.key(0), MGU, 3, 8, 2)
+      >>> bptt_manual(params, jnp.ones((5, 4, 3)), jnp.zeros((5, 4, 2)), cell=MGU).loss.shape
+      ()
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if isinstance(num_gates, bool) or not isinstance(num_gates, int) or num_gates < 1:
+        raise ValueError(f"num_gates must be an int >= 1, got {num_gates!r}")
+    for arg, fn in (("forward", forward), ("zero_state", zero_state), ("hidden", hidden)):
+        if not callable(fn):
+            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+    pointwise_params = tuple(pointwise_params)
+    if backward is None:
+        user_forward = forward
+
+        def forward(params, xp, hp, state_prev):
+            return user_forward(params, xp, hp, state_prev), (xp, hp)
+
+        backward = _derived_backward(user_forward, pointwise_params)
+    if init is None:
+
+        def init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
+            return _init_weights(key, input_size, hidden_size, num_gates, dtype, recurrent_init)
+
+    return Cell(
+        name, num_gates, init, zero_state, hidden, with_hidden, forward, backward, bias_grads,
+        pointwise_params,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

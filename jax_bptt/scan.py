@@ -88,6 +88,7 @@ class Deltas(NamedTuple):
     d_hp: jax.Array  # (t b g) gradient w.r.t. the recurrent projection hp_t = h_{t-1} W_hh
     h_prev: jax.Array  # (t b h) h_{t-1} for every step
     d_states: Any = None  # state pytree, leaves (t b h): dL/d state_t arriving at each step
+    d_pointwise: Any = None  # {name: summed gradient} of the cell's pointwise_params, if any
 
 
 def backward_deltas(
@@ -118,17 +119,20 @@ def backward_deltas(
     def backward_step(d_state, inputs):
         d_hs_t, mask_t, state_prev, saved_t = inputs
         d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
-        d_prev, d_xp, d_hp = cell.backward(params, saved_t, state_prev, d_state)
+        d_step = d_state
+        if cell.pointwise_params and mask_t is not None:  # frozen rows give params no gradient
+            d_step = select(mask_t, d_state, jax.tree_util.tree_map(jnp.zeros_like, d_state))
+        d_prev, d_xp, d_hp, *d_pointwise = cell.backward(params, saved_t, state_prev, d_step)
         d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + d_hp @ params["W_hh"].T)
         shared = d_hp is d_xp  # Elman, LSTM: stack one (t b g) array over t, not two equal ones
         if mask_t is not None:  # past the length the state was frozen: pass d_state through
             d_prev = select(mask_t, d_prev, d_state)
             d_xp = jnp.where(mask_t[:, None], d_xp, 0)
             d_hp = d_xp if shared else jnp.where(mask_t[:, None], d_hp, 0)
-        return d_prev, (d_xp, None if shared else d_hp, d_state)
+        return d_prev, (d_xp, None if shared else d_hp, d_state, d_pointwise)
 
     # d_states is dead code for callers that don't read it: XLA drops it from the loop.
-    d_h0, (d_xp, d_hp, d_states) = jax.lax.scan(
+    d_h0, (d_xp, d_hp, d_states, d_pointwise) = jax.lax.scan(
         backward_step,
         d_final,
         (d_hs, mask, states_prev, saved),
@@ -136,7 +140,10 @@ def backward_deltas(
         unroll=unroll,
     )
     d_hp = d_xp if d_hp is None else d_hp
-    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states)
+    d_pointwise = (
+        jax.tree_util.tree_map(lambda g: g.sum(0), d_pointwise[0]) if d_pointwise else None
+    )
+    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states, d_pointwise)
 
 
 def sum_outer(a: jax.Array, c: jax.Array) -> jax.Array:
@@ -165,6 +172,7 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
         "W_xh": sum_outer(xs, deltas.d_xp),
         "W_hh": sum_outer(deltas.h_prev, deltas.d_hp),
         **cell.bias_grads(deltas.d_xp.sum((0, 1)), deltas.d_hp.sum((0, 1))),
+        **(deltas.d_pointwise or {}),
     }
     return d_params, deltas.d_xp @ params["W_xh"].T
 
