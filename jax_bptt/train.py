@@ -221,7 +221,7 @@ def make_train_step(
         opt_state = keep_if_finite(finite, new_opt_state, opt_state)
         if carry is not None:  # a NaN state would poison every later window: start afresh
             carry = jax.tree.map(lambda c: jnp.where(finite, c, 0), carry)
-        return params, opt_state, StepInfo(value, optax.global_norm(grads), finite, carry)
+        return params, opt_state, StepInfo(value, optax.tree.norm(grads), finite, carry)
 
     train_step.needs_key = needs_key
     return train_step
