@@ -419,8 +419,16 @@ def get_cell(cell: str | Cell) -> Cell:
     return CELLS[cell]
 
 
+def is_token_ids(xs) -> bool:
+    """Integer inputs are token ids: row ``i`` of ``W_xh`` stands for the one-hot vector ``e_i``."""
+    return jnp.issubdtype(xs.dtype, jnp.integer)
+
+
 def project_inputs(params: Params, xs: Array) -> Array:
-    """``(..., d) -> (..., g)``: ``xs @ W_xh + b_h``, one GEMM for every step at once."""
+    """``(..., d) -> (..., g)``: ``xs @ W_xh + b_h``, one GEMM for every step at once; for token
+    ids ``(...)`` a row gather ``W_xh[xs] + b_h`` (the same as the GEMM with one-hot inputs)."""
+    if is_token_ids(xs):
+        return jnp.take(params["W_xh"], xs, axis=0) + params["b_h"]
     return xs @ params["W_xh"] + params["b_h"]
 
 

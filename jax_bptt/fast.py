@@ -113,11 +113,11 @@ def _in_chunks(backward, chunk_length: int, reverse: bool, h0, carry, per_step):
     if has_rest and not reverse:  # the backward runs from the end: the rest first
         carry, d_xs_rest = body(carry, rest)
     carry, d_xs = jax.lax.scan(body, carry, (boundaries, *full), reverse=not reverse)
-    d_xs = d_xs.reshape(split, *d_xs.shape[2:])
+    d_xs = tree_map(lambda a: a.reshape(split, *a.shape[2:]), d_xs)  # None for token ids
     if has_rest and reverse:  # the backward runs from step 0: the rest last
         carry, d_xs_rest = body(carry, rest)
     if has_rest:
-        d_xs = jnp.concatenate([d_xs, d_xs_rest])
+        d_xs = tree_map(lambda a, b: jnp.concatenate([a, b]), d_xs, d_xs_rest)
     d_state, d_params = carry
     return d_state, d_params, d_xs
 
@@ -204,7 +204,8 @@ def _checkpointed_bwd(cell, options, reverse, residuals, cotangents):
         (xs_seg, mask_seg, boundaries, d_hs_seg),
         reverse=not reverse,
     )
-    return d_params, merge_segments(d_xs, xs.shape[0]), d_h0, None
+    d_xs = jax.tree_util.tree_map(lambda a: merge_segments(a, xs.shape[0]), d_xs)  # None: ids
+    return d_params, d_xs, d_h0, None
 
 
 checkpointed_scan.defvjp(_checkpointed_fwd, _checkpointed_bwd)

@@ -4,7 +4,7 @@
 feeding a sequence step by step equals ``jax_bptt.unroll`` on it; ``generate`` samples token
 sequences (e.g. text) from a next-token model with it: the prompt runs through ``unroll``, then
 each step samples ``token ~ softmax(logits / temperature)`` (argmax when ``temperature == 0``)
-and feeds it back one-hot.
+and feeds it back as a token id (the same as one-hot, by a row gather).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bptt.backends import ScanOptions
-from jax_bptt.cells import Cell, get_cell
+from jax_bptt.cells import Cell, get_cell, is_token_ids
 from jax_bptt.cells import step as cell_step
 from jax_bptt.model import has_residual, readout, run_scan, stack_forward
 from jax_bptt.validation import (
@@ -67,8 +67,8 @@ _jitted_step = jax.jit(_step, static_argnames=("cell", "residual"))
 def step(params, state, x, *, cell, residual=False):
     """One time step of the model: ``(state, x (B, D)) -> (new state, outputs (B, O))``.
 
-    ``state`` as from ``init_state`` or ``unroll``'s final states; ``x`` may be ``(D,)`` with
-    unbatched states. Equals ``unroll`` step by step.
+    ``state`` as from ``init_state`` or ``unroll``'s final states; ``x`` may be token ids
+    ``(B,)``, and ``(D,)`` (or one id) with unbatched states. Equals ``unroll`` step by step.
 
     Example:
       >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2)
@@ -81,7 +81,7 @@ def step(params, state, x, *, cell, residual=False):
     shape = _check_streaming(params, cell, residual)
     x = jnp.asarray(x)
     check_xs(x[None], shape)
-    batched = x.ndim == 2
+    batched = x.ndim == (1 if is_token_ids(x) else 2)
     check_state(state, cell, shape, x.shape[0] if batched else 1, batched)
     return _jitted_step(params, state, x, cell=cell, residual=residual)
 
@@ -89,9 +89,9 @@ def step(params, state, x, *, cell, residual=False):
 @functools.partial(jax.jit, static_argnames=("cell", "residual", "length", "temperature"))
 def _generate(params, key, prompt, *, cell: Cell, residual, length: int, temperature: float):
     layers = params["layers"]
-    vocab_size, dtype = layers[0]["fwd"]["W_xh"].shape[0], layers[0]["fwd"]["W_xh"].dtype
+    dtype = layers[0]["fwd"]["W_xh"].dtype
     h0 = [{"fwd": cell.zero_state((1,), layer["fwd"]["W_hh"].shape[0], dtype)} for layer in layers]
-    xs = jax.nn.one_hot(prompt, vocab_size, dtype=dtype)[:, None]  # (p 1 v)
+    xs = prompt[:, None]  # (p 1) token ids: the input projection is a row gather
     one_step = ScanOptions(unroll=1)
     outputs, state, _ = stack_forward(
         cell, one_step, layers, h0, xs, None, None, residual, run_scan
@@ -104,8 +104,7 @@ def _generate(params, key, prompt, *, cell: Cell, residual, length: int, tempera
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             token = jax.random.categorical(step_key, logits / temperature).astype(jnp.int32)
-        x = jax.nn.one_hot(token, vocab_size, dtype=dtype)
-        return _step(params, state, x, cell=cell, residual=residual), token[0]
+        return _step(params, state, token, cell=cell, residual=residual), token[0]
 
     _, tokens = jax.lax.scan(sample_step, (state, logits), jax.random.split(key, length))
     return tokens

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_bptt.backends import ScanOptions, check_options, resolve_options
-from jax_bptt.cells import Cell, get_cell, project_inputs
+from jax_bptt.cells import Cell, get_cell, is_token_ids, project_inputs
 from jax_bptt.fast import checkpointed_scan, fast_scan
 from jax_bptt.losses import Loss, sequence_loss
 from jax_bptt.scan import backward_scan, length_mask, masked, masked_hidden, scan_states
@@ -201,8 +201,9 @@ def dropout_masks(key, dropout: float, layers, xs) -> list | None:
         return None
     keys = jax.random.split(key, len(layers) - 1)
     keep = 1.0 - dropout
+    dtype = layers[0]["fwd"]["W_hh"].dtype  # xs may be token ids
     return [
-        jax.random.bernoulli(k, keep, (*xs.shape[:2], features)).astype(xs.dtype) / keep
+        jax.random.bernoulli(k, keep, (*xs.shape[:2], features)).astype(dtype) / keep
         for k, features in zip(keys, [_features(layer) for layer in layers[:-1]], strict=True)
     ]
 
@@ -267,7 +268,7 @@ def stack_backward(cell, options, layers, h0, tapes, lengths, drops, residual, d
                 d_out[..., offset : offset + size], d_final,
                 reverse=reverse, unroll=options.unroll,
             )  # fmt: skip
-            d_inputs = d_inputs + d_x
+            d_inputs = None if d_x is None else d_inputs + d_x  # token ids have no gradient
             offset += size
         d_out = d_inputs if drops is None or i == 0 else d_inputs * drops[i - 1]
     return d_layers, d_h0, d_out
@@ -337,7 +338,7 @@ def prepare(params, xs, *, cell, lengths, h0, dropout, key, residual, options) -
     """Validate a model call once and resolve its options (outside any jit)."""
     cell = get_cell(cell)
     shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0)
-    check_stack_options(shape, dropout, key, residual)
+    check_stack_options(shape, dropout, key, residual, token_ids=is_token_ids(batch.xs))
     options = resolve_options(
         check_options(options), cell, batch.xs.shape, shape.hidden_size, shape.dtype
     )

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_bptt.cells import is_token_ids
 from jax_bptt.fast import split_segments
 from jax_bptt.losses import Loss, check_loss, sequence_loss, sequence_loss_grad, term_weights
 from jax_bptt.model import (
@@ -50,17 +51,18 @@ class Gradients(NamedTuple):
     loss: jax.Array
     params: dict
     h0: Any  # one {"fwd", "bwd"?} state dict per layer; leaves (b h), or (h,) unbatched
-    xs: jax.Array  # (t b d), or (t d) unbatched
+    xs: jax.Array | None  # (t b d), or (t d) unbatched; None for token ids
 
 
 _STATIC = ("cell", "loss", "residual", "options")
 
 
 def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops) -> Gradients:
-    value, (d_params, d_h0, d_xs) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(
+    argnums = (0, 1) if is_token_ids(xs) else (0, 1, 2)  # token ids have no gradient
+    value, (d_params, d_h0, *d_xs) = jax.value_and_grad(loss_fn, argnums=argnums)(
         params, h0, xs, targets, lengths, drops
     )
-    return Gradients(value, d_params, d_h0, d_xs)
+    return Gradients(value, d_params, d_h0, d_xs[0] if d_xs else None)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -229,7 +231,9 @@ def bptt(
     )  # fmt: skip
     if run.batch.batched:
         return grads
-    return grads._replace(h0=unbatch(grads.h0, False), xs=grads.xs[:, 0])
+    return grads._replace(
+        h0=unbatch(grads.h0, False), xs=None if grads.xs is None else grads.xs[:, 0]
+    )
 
 
 def bptt_auto(

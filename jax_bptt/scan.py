@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_bptt.cells import Cell
+from jax_bptt.cells import Cell, is_token_ids
 
 
 def length_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None:
@@ -36,8 +36,11 @@ def select(mask_t: jax.Array | None, new, old):
 
 
 def masked(mask: jax.Array | None, values: jax.Array) -> jax.Array:
-    """``values (t b f)`` set to zero where ``mask (t b)`` is False (None: unchanged)."""
-    return values if mask is None else jnp.where(mask[..., None], values, 0)
+    """``values (t b f)`` (or token ids ``(t b)``) set to zero where ``mask (t b)`` is False
+    (None: unchanged)."""
+    if mask is None:
+        return values
+    return jnp.where(mask if values.ndim == mask.ndim else mask[..., None], values, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,14 +170,22 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
 
     dW_xh = sum_t x_t^T d xp_t,  dW_hh = sum_t h_{t-1}^T d hp_t,  db_h = sum_t d xp_t,
     dx_t  = d xp_t W_xh^T
+
+    For token ids ``xs (t b)`` the first is a scatter-add of ``d xp_t`` into the rows ``x_t`` of
+    ``dW_xh`` (the transpose of the gather), and ids have no gradient (``d_xs`` is None).
     """
+    if is_token_ids(xs):
+        d_w_xh = jnp.zeros_like(params["W_xh"]).at[xs].add(deltas.d_xp)
+        d_xs = None
+    else:
+        d_w_xh, d_xs = sum_outer(xs, deltas.d_xp), deltas.d_xp @ params["W_xh"].T
     d_params = {
-        "W_xh": sum_outer(xs, deltas.d_xp),
+        "W_xh": d_w_xh,
         "W_hh": sum_outer(deltas.h_prev, deltas.d_hp),
         **cell.bias_grads(deltas.d_xp.sum((0, 1)), deltas.d_hp.sum((0, 1))),
         **(deltas.d_pointwise or {}),
     }
-    return d_params, deltas.d_xp @ params["W_xh"].T
+    return d_params, d_xs
 
 
 def backward_scan(

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_bptt.cells import is_token_ids
 from jax_bptt.losses import Loss, check_loss, sequence_loss
 from jax_bptt.model import prepare, readout, run_scan, stack_backward, stack_forward
 from jax_bptt.modes import BPTT_MODES, CORES
@@ -233,7 +234,7 @@ def truncated_bptt(
     """BPTT(k1, k2) over a whole stream at fixed params (no updates between blocks).
 
     Args:
-      xs: ``(T, B, D)`` stream, ``T`` a multiple of ``k1`` and ``k2 <= T``.
+      xs: ``(T, B, D)`` stream (or token ids ``(T, B)``), ``T`` a multiple of ``k1``, ``k2 <= T``.
       targets: per-step targets ``(T, B)`` (cross_entropy ids) or ``(T, B, O)`` (mse).
       h0: the stream's initial states, default zeros.
       Other arguments as in ``window_grads``.
@@ -251,8 +252,10 @@ def truncated_bptt(
       ()
     """
     shape = getattr(xs, "shape", ())
-    if len(shape) != 3:
-        raise ValueError(f"xs must have shape (T, B, D) for truncated BPTT, got shape {shape}")
+    if len(shape) != (2 if is_token_ids(xs) else 3):
+        raise ValueError(
+            f"xs must have shape (T, B, D) (or token ids (T, B)) for truncated BPTT, got {shape}"
+        )
     k1, k2 = check_truncation(k1, k2, shape[0])
     loss = _check_mode_and_loss(mode, loss)
     num_blocks = shape[0] // k1

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bptt.cells import Cell
+from jax_bptt.cells import Cell, is_token_ids
 from jax_bptt.losses import Loss
 
 DIRECTIONS = (("fwd", False), ("bwd", True))  # (name, reverse)
@@ -158,13 +158,23 @@ def check_params(params, cell: Cell) -> ModelShape:
 
 
 def check_xs(xs, shape: ModelShape):
-    """``xs (T, B, D)`` or ``(T, D)``, floating point, with the params' input size and dtype."""
+    """``xs (T, B, D)`` or ``(T, D)`` floats in the params' dtype, or token ids ``(T, B)`` or
+    ``(T,)`` in ``[0, D)`` (checked when concrete)."""
     if not hasattr(xs, "dtype") or not hasattr(xs, "shape"):
         raise TypeError(f"xs must be an array of shape (T, B, D) or (T, D), got {type(xs)}")
+    if is_token_ids(xs):
+        if xs.ndim not in (1, 2):
+            raise ValueError(f"token ids xs must have shape (T, B) or (T,), got {_shape(xs)}")
+        if _is_concrete(xs) and xs.size:
+            values = np.asarray(xs)
+            if values.min() < 0 or values.max() >= shape.input_size:
+                raise ValueError(
+                    f"token ids xs must lie in [0, {shape.input_size}) (input_size), got min "
+                    f"{values.min()} and max {values.max()}"
+                )
+        return
     if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(
-            f"xs must be floating point (one-hot encode integer tokens first), got {xs.dtype}"
-        )
+        raise TypeError(f"xs must be floating point or integer token ids, got {xs.dtype}")
     if xs.ndim not in (2, 3):
         raise ValueError(f"xs must have shape (T, B, D) or (T, D), got shape {_shape(xs)}")
     if xs.shape[-1] != shape.input_size:
@@ -297,7 +307,7 @@ def _check_class_ids(ids: np.ndarray, placement: str, output_size: int, lengths)
         )
 
 
-def check_stack_options(shape: ModelShape, dropout, key, residual) -> None:
+def check_stack_options(shape: ModelShape, dropout, key, residual, token_ids=False) -> None:
     """Dropout (between layers, needs a key) and residual connections (sizes must match)."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
         raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -311,6 +321,8 @@ def check_stack_options(shape: ModelShape, dropout, key, residual) -> None:
     if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     features = len(shape.directions) * shape.hidden_size
+    if residual is True and token_ids:
+        raise ValueError("residual=True adds layer 0's input to its output: not for token ids")
     if residual is True and shape.input_size != features:
         raise ValueError(
             f"residual=True adds layer 0's input to its output, but layer 0 maps "
@@ -323,8 +335,8 @@ def check_inputs(params, xs, *, cell: Cell, lengths=None, h0=None) -> tuple[Mode
     """Params, ``xs``, ``lengths`` and ``h0`` checked and brought to the batched layout."""
     shape = check_params(params, cell)
     check_xs(xs, shape)
-    batched = xs.ndim == 3
-    xs = xs if batched else xs[:, None, :]
+    batched = xs.ndim == (2 if is_token_ids(xs) else 3)
+    xs = xs if batched else xs[:, None]
     num_steps, batch_size = xs.shape[:2]
     lengths = check_lengths(lengths, num_steps, batch_size, batched)
     h0 = check_state(h0, cell, shape, batch_size, batched)
