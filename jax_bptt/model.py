@@ -334,9 +334,24 @@ class Prepared(NamedTuple):
     options: ScanOptions
 
 
-def prepare(params, xs, *, cell, lengths, h0, dropout, key, residual, options) -> Prepared:
-    """Validate a model call once and resolve its options (outside any jit)."""
+def to_time_major(values, time_major: bool, batched_ndim: int):
+    """``(B, T, ...) -> (T, B, ...)`` for batch-major arrays (and back: the swap is its own
+    inverse); ``values`` with fewer than ``batched_ndim`` axes have no batch axis to move."""
+    if not isinstance(time_major, bool):
+        raise TypeError(f"time_major must be a bool, got {time_major!r}")
+    if time_major or values is None or getattr(values, "ndim", 0) < batched_ndim:
+        return values
+    return jnp.swapaxes(values, 0, 1)
+
+
+def prepare(
+    params, xs, *, cell, lengths, h0, dropout, key, residual, options, time_major=True
+) -> Prepared:
+    """Validate a model call once and resolve its options (outside any jit); batch-major ``xs``
+    (``time_major=False``) is brought to the time-major layout here."""
     cell = get_cell(cell)
+    if hasattr(xs, "dtype"):
+        xs = to_time_major(xs, time_major, 2 if is_token_ids(xs) else 3)
     shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0)
     check_stack_options(shape, dropout, key, residual, token_ids=is_token_ids(batch.xs))
     options = resolve_options(
@@ -374,6 +389,7 @@ def unroll(
     residual=False,
     mode: str = "auto",
     options: ScanOptions | None = None,
+    time_major: bool = True,
 ):
     """Run the model's layers over a sequence.
 
@@ -390,6 +406,7 @@ def unroll(
         ``lax.scan``), ``"fast"`` (the hand-written reverse scan) or ``"checkpointed"`` (that,
         recomputing segments: memory ``O(sqrt T)`` per recurrence besides the outputs).
       options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
+      time_major: False for batch-major ``xs (B, T, D)`` and outputs ``(B, T, dirs*H)``.
 
     Returns:
       ``(outputs, final_states)``: ``outputs (T, B, dirs*H)`` of the top layer (zero past each
@@ -404,21 +421,24 @@ def unroll(
     check_choice("mode", mode, UNROLL_MODES)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options,
+        residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
     outputs, finals = _unroll_core(
         params["layers"], run.batch.h0, run.batch.xs, run.batch.lengths, run.drops,
         cell=run.cell, residual=residual, options=run.options, mode=mode,
     )  # fmt: skip
     if run.batch.batched:
-        return outputs, finals
+        return to_time_major(outputs, time_major, 3), finals
     return outputs[:, 0], unbatch(finals, False)
 
 
-def predict(params, xs, *, cell, h0=None, lengths=None, residual=False, options=None):
-    """The readout at every step, ``(T, B, O)`` (``(T, O)`` unbatched): logits for
-    cross-entropy, predictions for mse. No dropout (evaluation)."""
+def predict(
+    params, xs, *, cell, h0=None, lengths=None, residual=False, options=None, time_major=True
+):
+    """The readout at every step, ``(T, B, O)`` (``(T, O)`` unbatched, ``(B, T, O)`` batch-major):
+    logits for cross-entropy, predictions for mse. No dropout (evaluation)."""
     outputs, _ = unroll(
-        params, xs, cell=cell, h0=h0, lengths=lengths, residual=residual, options=options
-    )
+        params, xs, cell=cell, h0=h0, lengths=lengths, residual=residual, options=options,
+        time_major=time_major,
+    )  # fmt: skip
     return readout(params["readout"], outputs)

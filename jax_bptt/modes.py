@@ -39,6 +39,7 @@ from jax_bptt.model import (
     stack_backward,
     stack_forward,
     stack_loss,
+    to_time_major,
     unbatch,
 )
 from jax_bptt.scan import sum_outer
@@ -187,6 +188,7 @@ def bptt(
     key=None,
     residual=False,
     options=None,
+    time_major: bool = True,
 ) -> Gradients:
     """Loss and gradients of the model by BPTT.
 
@@ -202,6 +204,8 @@ def bptt(
       dropout, key, residual: as for ``jax_bptt.unroll``; the same key gives the same masks in
         every mode.
       options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
+      time_major: False for batch-major ``xs (B, T, D)`` and per-step targets ``(B, T, ...)``
+        (the returned ``xs`` gradient is batch-major too).
 
     Returns:
       ``Gradients(loss, params, h0, xs)``.
@@ -218,8 +222,9 @@ def bptt(
     loss = check_loss(loss)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options,
+        residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
+    targets = _time_major_targets(targets, loss, time_major)
     num_steps, batch_size = run.batch.xs.shape[:2]
     targets = check_targets(
         targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
@@ -230,67 +235,77 @@ def bptt(
         cell=run.cell, loss=loss, residual=residual, options=run.options,
     )  # fmt: skip
     if run.batch.batched:
-        return grads
+        return grads._replace(xs=to_time_major(grads.xs, time_major, 2))
     return grads._replace(
         h0=unbatch(grads.h0, False), xs=None if grads.xs is None else grads.xs[:, 0]
     )
 
 
+def _time_major_targets(targets, loss: Loss, time_major: bool):
+    """Per-step targets ``(B, T, ...)`` to ``(T, B, ...)`` for batch-major calls."""
+    if time_major or loss.placement != "per_step" or not hasattr(targets, "ndim"):
+        return targets
+    return to_time_major(targets, False, 3 if loss.kind == "mse" else 2)
+
+
 def bptt_auto(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None,
+    residual=False, options=None, time_major=True,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="auto")``: ``jax.value_and_grad`` through the scans (the reference)."""
     return bptt(
         params, xs, targets, cell=cell, mode="auto", loss=loss, lengths=lengths, h0=h0,
-        dropout=dropout, key=key, residual=residual, options=options,
+        dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
 
 
 def bptt_manual(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None,
+    residual=False, options=None, time_major=True,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="manual")``: hand-written BPTT, layer by layer from the top."""
     return bptt(
         params, xs, targets, cell=cell, mode="manual", loss=loss, lengths=lengths, h0=h0,
-        dropout=dropout, key=key, residual=residual, options=options,
+        dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
 
 
 def bptt_fast(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None,
+    residual=False, options=None, time_major=True,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="fast")``: ``jax.grad`` whose recurrences run the hand-written reverse
     scan (``fast_scan``); ``options`` picks the unroll, backend and backward chunk length."""
     return bptt(
         params, xs, targets, cell=cell, mode="fast", loss=loss, lengths=lengths, h0=h0,
-        dropout=dropout, key=key, residual=residual, options=options,
+        dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
 
 
 def bptt_checkpointed(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None,
+    residual=False, options=None, time_major=True,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="checkpointed")``: memory ``O(sqrt T)`` for one extra forward; the
     segment length is ``options.segment_length`` (default ``ceil(sqrt(T))``)."""
     return bptt(
         params, xs, targets, cell=cell, mode="checkpointed", loss=loss, lengths=lengths, h0=h0,
-        dropout=dropout, key=key, residual=residual, options=options,
+        dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
 
 
 def model_loss(
-    params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, residual=False, options=None
-) -> jax.Array:
-    """The scalar loss of the model without gradients (evaluation: no dropout)."""
+    params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, residual=False, options=None,
+    time_major=True,
+) -> jax.Array:  # fmt: skip
+    """The scalar loss of the model without gradients (evaluation: no dropout); arguments as for
+    ``bptt``."""
     loss = check_loss(loss)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=0.0, key=None,
-        residual=residual, options=options,
+        residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
+    targets = _time_major_targets(targets, loss, time_major)
     num_steps, batch_size = run.batch.xs.shape[:2]
     targets = check_targets(
         targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,

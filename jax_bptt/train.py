@@ -129,9 +129,11 @@ def keep_if_finite(finite: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def _gradient_fn(*, cell, loss, mode, options, truncation, dropout, residual):
+def _gradient_fn(*, cell, loss, mode, options, truncation, dropout, residual, time_major):
     """``(params, xs, targets, h0, lengths, key) -> (loss, grads, carry)`` for one step."""
-    model = dict(cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual)
+    model = dict(
+        cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual, time_major=time_major
+    )
     if truncation is None:
 
         def full_sequence(params, xs, targets, h0, lengths, key):
@@ -164,6 +166,7 @@ def make_train_step(
     truncation: Truncation | tuple[int, int] | None = None,
     dropout: float = 0.0,
     residual=False,
+    time_major: bool = True,
 ):
     """Build a jitted ``train_step(params, opt_state, xs, targets, h0=None, lengths=None,
     key=None)``.
@@ -178,6 +181,7 @@ def make_train_step(
         it, and ``StepInfo.carry`` the states the next window starts from
         (``jax_bptt.truncated``); per-step loss, no ``lengths``, unidirectional models.
       dropout: between layers; its masks come from ``train_step``'s ``key``, which it then needs.
+      time_major: False for batch-major ``xs (B, T, ...)`` and per-step targets.
 
     Returns:
       ``train_step -> (params, opt_state, StepInfo)``; ``train_step.needs_key`` says whether it
@@ -203,7 +207,7 @@ def make_train_step(
             raise ValueError(f"truncated BPTT needs placement='per_step', got {loss.placement!r}")
     gradients = _gradient_fn(
         cell=cell, loss=loss, mode=mode, options=options, truncation=truncation,
-        dropout=dropout, residual=residual,
+        dropout=dropout, residual=residual, time_major=time_major,
     )  # fmt: skip
     needs_key = dropout > 0
 

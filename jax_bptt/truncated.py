@@ -43,7 +43,14 @@ import jax.numpy as jnp
 
 from jax_bptt.cells import is_token_ids
 from jax_bptt.losses import Loss, check_loss, sequence_loss
-from jax_bptt.model import prepare, readout, run_scan, stack_backward, stack_forward
+from jax_bptt.model import (
+    prepare,
+    readout,
+    run_scan,
+    stack_backward,
+    stack_forward,
+    to_time_major,
+)
 from jax_bptt.modes import BPTT_MODES, CORES
 from jax_bptt.validation import check_choice, check_targets
 
@@ -175,6 +182,7 @@ def window_grads(
     key=None,
     residual=False,
     options=None,
+    time_major: bool = True,
 ) -> WindowResult:
     """Loss and gradients of one truncated-BPTT window (the unit of one training step).
 
@@ -186,7 +194,8 @@ def window_grads(
         ``(W, B, O)`` for mse); only the last ``k1`` steps count.
       h0: the states entering the window (stop-gradient is applied), default zeros.
       mode: a name in ``jax_bptt.BPTT_MODES``.
-      loss, dropout, key, residual, options: as for ``jax_bptt.bptt`` (per-step placement only).
+      loss, dropout, key, residual, options, time_major: as for ``jax_bptt.bptt`` (per-step
+        placement only).
 
     Returns:
       ``WindowResult(loss, params, carry)`` where ``carry`` is the states the next window starts
@@ -196,8 +205,10 @@ def window_grads(
     loss = _check_mode_and_loss(mode, loss)
     run = prepare(
         params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options,
+        residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
+    if hasattr(targets, "ndim"):  # per-step targets (B, T, ...) -> (T, B, ...)
+        targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
     if not run.batch.batched:
         raise ValueError(f"xs must be batched (W, B, D) for truncated BPTT, got shape {xs.shape}")
     if "bwd" in run.shape.directions:
@@ -230,6 +241,7 @@ def truncated_bptt(
     mode: str = "manual",
     residual=False,
     options=None,
+    time_major: bool = True,
 ) -> WindowResult:
     """BPTT(k1, k2) over a whole stream at fixed params (no updates between blocks).
 
@@ -256,8 +268,10 @@ def truncated_bptt(
         raise ValueError(
             f"xs must have shape (T, B, D) (or token ids (T, B)) for truncated BPTT, got {shape}"
         )
-    k1, k2 = check_truncation(k1, k2, shape[0])
     loss = _check_mode_and_loss(mode, loss)
+    xs = to_time_major(xs, time_major, len(shape))
+    targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
+    k1, k2 = check_truncation(k1, k2, xs.shape[0])
     num_blocks = shape[0] // k1
     carry, total_loss, total_grads = h0, 0.0, None
     for block in range(num_blocks):
