@@ -272,7 +272,7 @@ def truncated_bptt(
     xs = to_time_major(xs, time_major, len(shape))
     targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
     k1, k2 = check_truncation(k1, k2, xs.shape[0])
-    num_blocks = shape[0] // k1
+    num_blocks = xs.shape[0] // k1
     carry, total_loss, total_grads = h0, 0.0, None
     for block in range(num_blocks):
         # A short window (end < k2) starts at step 0; its carry is then the stream's h0 again.
