@@ -6,7 +6,7 @@ of any depth and direction. See the README for a tour.
 """
 
 from jax_bptt.backends import Backend, ScanOptions, register_backend
-from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell
+from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell, make_cell
 from jax_bptt.generate import generate, init_state, step
 from jax_bptt.losses import Loss
 from jax_bptt.model import init_model, predict, unroll
@@ -48,6 +48,7 @@ __all__ = [
     "get_cell",
     "init_state",
     "init_model",
+    "make_cell",
     "make_optimizer",
     "make_train_step",
     "model_loss",
