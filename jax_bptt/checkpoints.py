@@ -1,15 +1,24 @@
 """Checkpoints: numpy ``.npz`` arrays (``allow_pickle=False``) plus a JSON metadata file.
 
-A checkpoint directory holds ``checkpoint.json`` and the ``ckpt-<step>.npz`` it names. Every file
-is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``), arrays
-first and metadata last, and the metadata records the arrays' SHA-256, so a run killed at any
-moment leaves either the previous checkpoint or the new one, never a mix or a torn file.
+A checkpoint directory holds ``checkpoint.json`` and the ``ckpt-<step>-<sha>.npz`` it names. Every
+file is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``, then
+the directory ``fsync``), arrays first and metadata last, and the metadata records the arrays'
+SHA-256, so a run killed at any moment leaves either the previous checkpoint or the new one, never
+a mix or a torn file:
+
+- everything that can fail before the kill-sensitive part (flattening, ``np.savez``, encoding the
+  metadata as JSON) runs before the first byte is written, so a bad ``config`` or ``signature``
+  leaves the directory as it was;
+- the array file is named by its step and its content hash, so a new save never overwrites the
+  file the current metadata names (re-saving a step with other values writes a second file);
+- array files the new metadata does not name, and temporary files a killed writer left
+  (``.<name>.<random>.tmp``), are removed only after the new metadata is in place.
 
 Arrays are stored by position in the flattened pytrees (``params``, ``opt_state``, ``carry``);
 loading unflattens them against templates (``init_model(...)``, ``optimizer.init(params)``), after
-checking the model signature (cell, sizes, dtype, tree structure) and every leaf's shape and dtype,
-so a checkpoint from another model or optimizer fails with a clear error before anything is
-written. Nothing is ever pickled.
+checking the model signature (cell, depth, directions, residual, sizes, dtype, tree structure) and
+every leaf's shape and dtype, so a checkpoint from another model or optimizer fails with a clear
+error before anything is written. Nothing is ever pickled.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,9 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bptt.cells import get_cell
+from jax_bptt.validation import check_params, check_stack_options
 
 FORMAT = "jax_bptt-checkpoint-v1"
 METADATA = "checkpoint.json"
+TEMPORARY_SUFFIX = ".tmp"  # atomic_write_bytes' temporary files: .<name>.<random>.tmp
+_ARRAY_FILE = re.compile(r"^ckpt-[0-9A-Za-z_-]+\.npz$")
+# tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") in atomic_write_bytes: 8 random characters.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _GROUPS = ("params", "opt_state", "carry")
 
 
@@ -49,16 +64,39 @@ def _leaf_path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def model_signature(params, cell) -> dict:
-    """What must match for a checkpoint to load into ``params``: cell, sizes, dtype, structure."""
+def model_signature(params, cell, *, residual=False) -> dict:
+    """What must match for a checkpoint to load into ``params``.
+
+    Args:
+      params: ``init_model`` params (any depth and direction), validated against ``cell``.
+      cell: the model's cell (a name in ``jax_bptt.CELLS`` or a ``Cell``).
+      residual: the run's residual setting (``False``, ``True`` or ``"except_first"``); it does
+        not change the params' shapes but does change the function they compute.
+
+    Returns:
+      A JSON-serialisable dict: cell name, ``num_layers``, ``bidirectional``, ``residual``,
+      input/hidden/output sizes, dtype, the params' tree structure and every leaf's shape (by
+      path, e.g. ``"layers/0/fwd/W_hh"``). A 1-layer run never loads into a 2-layer one, nor a
+      unidirectional one into a bidirectional one.
+
+    Example:
+      >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2)
+      >>> sig = model_signature(params, "gru")
+      >>> sig["num_layers"], sig["hidden_size"], sig["shapes"]["layers/1/fwd/W_xh"]
+      (2, 8, [8, 24])
+    """
     cell = get_cell(cell)
-    w_xh, w_hy = params["cell"]["W_xh"], params["readout"]["W_hy"]
+    shape = check_params(params, cell)
+    check_stack_options(shape, 0.0, None, residual)
     return {
         "cell": cell.name,
-        "input_size": int(w_xh.shape[0]),
-        "hidden_size": int(params["cell"]["W_hh"].shape[0]),
-        "output_size": int(w_hy.shape[-1]),
-        "dtype": str(w_xh.dtype),
+        "num_layers": shape.num_layers,
+        "bidirectional": len(shape.directions) == 2,
+        "residual": residual,
+        "input_size": int(shape.input_size),
+        "hidden_size": int(shape.hidden_size),
+        "output_size": int(shape.output_size),
+        "dtype": str(np.dtype(shape.dtype)),
         "tree": str(jax.tree_util.tree_structure(params)),
         "shapes": {
             _leaf_path(path): list(np.shape(leaf))
@@ -70,7 +108,7 @@ def model_signature(params, cell) -> dict:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -104,6 +142,21 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / METADATA).is_file()
 
 
+def remove_leftovers(directory: str | os.PathLike, keep: str | None = None) -> list[str]:
+    """Remove what a killed writer can leave in ``directory``: ``atomic_write_bytes``' temporary
+    files (``.<name>.<8 random characters>.tmp``, torn by definition) and every ``ckpt-*.npz`` but
+    ``keep`` (the one the metadata names). Returns the names removed. ``save_checkpoint`` calls
+    it once its metadata is in place."""
+    removed = []
+    for entry in Path(directory).iterdir():
+        name = entry.name
+        stale_array = name != keep and name.startswith("ckpt-") and name.endswith(".npz")
+        if stale_array or (_TEMPORARY.match(name) and entry.is_file()):
+            entry.unlink(missing_ok=True)
+            removed.append(name)
+    return sorted(removed)
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -122,7 +175,7 @@ def save_checkpoint(
       step: number of training steps done.
       params, opt_state, carry: pytrees of arrays (``carry`` e.g. a truncated-BPTT state).
       key: the run's ``jax.random`` key (typed or raw ``uint32``).
-      signature: ``model_signature(params, cell)``.
+      signature: ``model_signature(params, cell, residual=...)``.
       skipped: number of updates skipped for a non-finite loss or gradient.
       config: JSON-serialisable run configuration, stored for reference.
 
@@ -130,7 +183,6 @@ def save_checkpoint(
       The path of the metadata file.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays, counts = {}, {}
     for group, tree in zip(_GROUPS, (params, opt_state, carry), strict=True):
         leaves = jax.tree_util.tree_leaves(tree)
@@ -140,8 +192,9 @@ def save_checkpoint(
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     data = buffer.getvalue()
-    array_file = f"ckpt-{step:09d}.npz"
-    atomic_write_bytes(directory / array_file, data)
+    digest = hashlib.sha256(data).hexdigest()
+    # Named by content: never the file the current metadata names, unless the bytes are the same.
+    array_file = f"ckpt-{int(step):09d}-{digest[:16]}.npz"
 
     if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
         key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
@@ -157,14 +210,17 @@ def save_checkpoint(
         "leaves": counts,
         "opt_state_tree": str(jax.tree_util.tree_structure(opt_state)),
         "arrays": array_file,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": digest,
         "config": config or {},
     }
+    # Encoded before anything is written: a value JSON cannot hold fails with the directory as is.
+    encoded = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / array_file, data)
     meta_path = directory / METADATA
-    atomic_write_json(meta_path, metadata)
-    for stale in directory.glob("ckpt-*.npz"):  # only after the new metadata is in place
-        if stale.name != array_file:
-            stale.unlink(missing_ok=True)
+    atomic_write_bytes(meta_path, encoded)
+    remove_leftovers(directory, keep=array_file)  # only after the new metadata is in place
     return meta_path
 
 
@@ -218,7 +274,8 @@ def load_checkpoint(
     Args:
       params_template: params of the model being resumed (e.g. ``init_model(...)``).
       opt_state_template: ``optimizer.init(params_template)``.
-      signature: ``model_signature(params_template, cell)``; must equal the saved one.
+      signature: ``model_signature(params_template, cell, residual=...)``; must equal the
+        saved one.
       carry_template: the structure of the saved carry (None if no carry was saved).
 
     Raises:
@@ -235,7 +292,14 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint in {where} is from an incompatible model:\n  " + "\n  ".join(diff)
         )
+    if not isinstance(metadata.get("arrays"), str) or not _ARRAY_FILE.match(metadata["arrays"]):
+        raise ValueError(
+            f"checkpoint {where}: metadata names the array file {metadata.get('arrays')!r}, not a "
+            "ckpt-*.npz in the same directory"
+        )
     array_path = directory / metadata["arrays"]
+    if not array_path.is_file():
+        raise ValueError(f"checkpoint {where}: its array file {metadata['arrays']} is missing")
     data = array_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != metadata["sha256"]:
         raise ValueError(f"checkpoint arrays {array_path} do not match their recorded SHA-256")

@@ -7,16 +7,20 @@ XLA's partitioner splits the computation by batch rows, and every contraction ov
 (``dW_hh = sum_tb h_{t-1}^T d hp_t``, the readout's, the loss's sum) becomes a per-device partial
 sum followed by an all-reduce that XLA inserts. Nothing in the model code knows about devices::
 
+    params = jax_bptt.init_model(jax.random.key(0), "lstm", D, H, O, num_layers=2)
+    opt = make_optimizer("adam", 1e-3)
     mesh = make_mesh()                                   # all devices, axis "batch"
-    step = data_parallel_step(make_train_step(opt, cell="lstm", mode="manual"), mesh)
-    params, opt_state, info = step(params, opt_state, xs, targets)   # (T, B, D), B % n == 0
+    train_step = make_train_step(opt, cell="lstm", loss="mse", mode="manual")
+    step = data_parallel_step(train_step, mesh)          # placement="per_step", as the loss's
+    params, opt_state, info = step(params, opt.init(params), xs, targets)   # B % n == 0
+    # xs (T, B, D), targets (T, B, O); h0 (optional) [{"fwd": state}, ...], one dict per layer
 
 ``data_parallel_step`` only places the arguments (``shard_batch``, ``replicate``) and pins the
 outputs' shardings (params replicated, a truncated-BPTT carry batch-sharded) so that they feed the
 next step without a copy; passing sharded arguments to the bare ``train_step`` gives the same
 numbers. ``fit(data_parallel_step(train_step, mesh), ...)`` needs no other change. Any mode of
-``jax_bptt.modes.BPTT_MODES`` and truncated BPTT work, because the partitioner sees only the
-traced program.
+``jax_bptt.BPTT_MODES``, any depth and direction (with dropout and residual connections) and
+truncated BPTT work, because the partitioner sees only the traced program.
 
 Layout rule (``batch_dims``): where the batch axis is, per train-step argument.
 
@@ -24,14 +28,24 @@ Layout rule (``batch_dims``): where the batch axis is, per train-step argument.
     targets   per_step (T, B) / (T, B, O)        P(None, "batch")
               last_step (B,) / (B, O)            P("batch")
     lengths   (B,)                               P("batch")
-    h0        state leaves (B, H)                P("batch")
+    h0        state leaves (B, H), in the list   P("batch")
+              of per-layer {"fwd", "bwd"?} dicts
     params, optimizer state                      P()  (replicated)
 
 The targets' layout cannot be told from their shape ((T, B) per-step ids and (B, O) last-step
-values are both 2-D), hence the explicit ``placement`` argument. A layout never changes the
-numbers, only where they are computed: results equal the single-device ones up to the order of
-the batch sums (``tests/test_parallel.py``: float64 loss and params after three Adam steps within
-1e-12 relative on 1, 2, 4 and 8 devices).
+values are both 2-D), hence the explicit ``placement`` argument (the train step's
+``Loss.placement``; a ``Loss`` itself is accepted too). A layout never changes the numbers, only
+where they are computed: results equal the single-device ones up to the order of the batch sums
+(``tests/test_parallel.py``: float64 loss and params after three Adam steps within 1e-12 relative
+on 1, 2, 4 and 8 devices; every mode, a stacked bidirectional model with dropout and residual
+connections, and truncated BPTT at one and two layers, on 8).
+
+The fast path's chunked backward on a CPU mesh. On CPU the fast backward runs in chunks of about
+2 MiB of ``d xp`` (``jax_bptt.backends.PLATFORM_DEFAULTS``) and carries the summed weight
+gradients from chunk to chunk; XLA keeps that carry replicated, so it all-reduces the weight
+gradients once per chunk instead of once per train step. The numbers are the same; to keep the
+backward in one chunk (one all-reduce), build the step with
+``make_train_step(..., options=ScanOptions(chunk_bytes=0))``. GPUs and TPUs run one chunk anyway.
 
 Batch not divisible by the device count: ``shard_batch`` raises a ``ValueError`` naming the batch
 size and the device count. ``pad_batch`` is the opt-in alternative for full-sequence training: it
@@ -95,7 +109,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_bptt.validation import PLACEMENTS, check_choice
+from jax_bptt.losses import PLACEMENTS, Loss
+from jax_bptt.validation import check_choice
 
 BATCH_AXIS = "batch"
 # jax.distributed.initialize's explicit arguments, read from these variables.
@@ -138,8 +153,13 @@ def _axis_of(mesh: Mesh, axis_name: str | None) -> str:
     return axis_name
 
 
-def batch_dims(placement: str = "per_step") -> dict[str, int]:
-    """Train-step argument name -> the position of its batch axis (the layout rule)."""
+def batch_dims(placement: str | Loss = "per_step") -> dict[str, int]:
+    """Train-step argument name -> the position of its batch axis (the layout rule).
+
+    ``placement``: the loss's placement, ``"per_step"`` or ``"last_step"`` (or the ``Loss``).
+    """
+    if isinstance(placement, Loss):
+        placement = placement.placement
     check_choice("placement", placement, PLACEMENTS)
     return {"xs": 1, "targets": 1 if placement == "per_step" else 0, "lengths": 0, "h0": 0}
 
@@ -283,10 +303,15 @@ def data_parallel_step(
 
     ``step(params, opt_state, xs, targets, h0=None, lengths=None, key=None) -> (params,
     opt_state, StepInfo)``: the batch arguments are split with ``shard_batch`` (``placement``
-    must be the train step's), params, optimizer state and the dropout ``key`` replicated (no
-    copy when already placed), and the unchanged ``train_step`` is traced inside a ``jax.jit``
-    whose outputs are constrained to params and optimizer state replicated and
-    ``StepInfo.carry`` batch-sharded.
+    must be the train step's ``Loss.placement``, or pass that ``Loss``), params, optimizer state
+    and the dropout ``key`` replicated (no copy when already placed), and the unchanged
+    ``train_step`` is traced inside a ``jax.jit`` whose outputs are constrained to params and
+    optimizer state replicated and ``StepInfo.carry`` (a truncated-BPTT state, one
+    ``{"fwd": state}`` per layer) batch-sharded.
+
+    Example:
+      >>> step = data_parallel_step(make_train_step(opt, cell="gru", loss="mse"), make_mesh())
+      >>> params, opt_state, info = step(params, opt.init(params), xs, targets)
     """
     axis_name = _axis_of(mesh, axis_name)
     batch_dims(placement)  # validates placement now

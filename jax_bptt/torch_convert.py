@@ -18,11 +18,13 @@ Going back, the combined bias goes to ``bias_ih`` and ``bias_hh`` gets zeros (GR
 differs. ``elman_tanh`` is ``nn.RNN(nonlinearity="tanh")``, ``elman_relu`` is
 ``nonlinearity="relu"``.
 
-Single-layer params are ``{"cell": ..., "readout": ...}`` (``jax_bptt.init_model``); stacked or
-bidirectional modules convert to the ``jax_bptt.deep`` layout ``{"layers": [{"fwd": ...,
-"bwd": ...}, ...], "readout": ...}`` with ``deep=True``. PyTorch runs ``batch_first=False``
-time-major like jax_bptt; a ``batch_first=True`` module has the same weights, so it converts too,
-but its inputs must be transposed to ``(T, B, D)``.
+Every module converts to ``jax_bptt.init_model``'s one layout, ``{"layers": [{"fwd": ...,
+"bwd"?: ...}, ...], "readout": ...}``, at any ``num_layers`` and bidirectionality (a 1-layer
+unidirectional module gives a list of one layer). PyTorch's ``h_0`` of shape
+``(num_layers * dirs, B, H)`` is jax_bptt's ``h0[k]["fwd"]`` at index ``dirs * k`` and
+``h0[k]["bwd"]`` at ``2 * k + 1``. PyTorch runs ``batch_first=False`` time-major like jax_bptt; a
+``batch_first=True`` module has the same weights, so it converts too, but its inputs must be
+transposed to ``(T, B, D)``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bptt.cells import get_cell
+from jax_bptt.validation import check_params
 
 # nn.RNNBase.mode for each cell
 TORCH_MODES = {"elman_tanh": "RNN_TANH", "elman_relu": "RNN_RELU", "lstm": "LSTM", "gru": "GRU"}
@@ -183,36 +186,33 @@ def readout_from_torch(head, *, dtype=None) -> dict:
     return {"W_hy": jnp.asarray(weight.T, dtype), "b_y": jnp.asarray(bias, dtype)}
 
 
-def from_torch(source, cell, head=None, *, deep: bool = False, dtype=None) -> dict:
-    """PyTorch weights -> jax_bptt params.
+def from_torch(source, cell, head=None, *, dtype=None) -> dict:
+    """PyTorch weights -> jax_bptt params (``init_model``'s layout, any depth and direction).
 
     Args:
       source: an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` or its ``state_dict()`` (tensors or numpy
-        arrays; keys without a parent module's prefix).
+        arrays; keys without a parent module's prefix), any ``num_layers``, uni- or
+        bidirectional.
       cell: the jax_bptt cell (name or ``Cell``) the module computes; a module's ``mode`` (and
         ``nonlinearity``) must match it.
       head: optional ``nn.Linear`` (or ``{"weight", "bias"}``) applied to every output: becomes
-        ``"readout"``. Without it the result has no ``"readout"`` entry.
-      deep: False: a single-layer unidirectional module -> ``{"cell", "readout"}``
-        (``jax_bptt.init_model``'s layout). True: any ``num_layers`` / ``bidirectional`` ->
-        ``{"layers": [{"fwd", "bwd"?}, ...], "readout"}`` (``jax_bptt.deep``'s layout).
+        ``"readout"``. Without it the result has no ``"readout"`` entry (``to_torch`` takes it as
+        it is; add a readout before ``jax_bptt.unroll`` / ``bptt``, which need one).
       dtype: cast every array (default: keep the source's dtype; float64 needs jax x64 enabled).
 
+    Returns:
+      ``{"layers": [{"fwd": cell_params, "bwd"?: cell_params}, ...], "readout"?: {"W_hy", "b_y"}}``
+      with one entry per PyTorch layer.
+
     Example:
-      >>> rnn, linear = torch.nn.GRU(3, 8), torch.nn.Linear(8, 2)
+      >>> rnn, linear = torch.nn.GRU(3, 8, num_layers=2), torch.nn.Linear(8, 2)
       >>> params = from_torch(rnn, "gru", head=linear)
-      >>> sorted(params["cell"]), params["readout"]["W_hy"].shape
-      (['W_hh', 'W_xh', 'b_h', 'b_hn'], (8, 2))
+      >>> len(params["layers"]), sorted(params["layers"][0]["fwd"]), params["readout"]["W_hy"].shape
+      (2, ['W_hh', 'W_xh', 'b_h', 'b_hn'], (8, 2))
     """
     cell = get_cell(cell)
     state_dict = _recurrent_state_dict(source, cell.name)
     num_layers, bidirectional = _layout(state_dict)
-    if not deep and (num_layers > 1 or bidirectional):
-        raise ValueError(
-            f"the state dict has num_layers={num_layers}, bidirectional={bidirectional} "
-            f"({'weight_ih_l1' if num_layers > 1 else 'weight_ih_l0_reverse'} is present) but "
-            "deep=False converts to the single-layer layout; pass deep=True for jax_bptt.deep"
-        )
     directions = DIRECTIONS if bidirectional else DIRECTIONS[:1]
     layers, input_size = [], None
     for layer in range(num_layers):
@@ -232,7 +232,7 @@ def from_torch(source, cell, head=None, *, deep: bool = False, dtype=None) -> di
     extra_keys = sorted(k for k in state_dict if int(_RNN_KEY.match(k).group(2)) >= num_layers)
     if extra_keys:
         raise ValueError(f"the state dict skips layer {num_layers}: it has {extra_keys}")
-    params: dict[str, Any] = {"layers": layers} if deep else {"cell": layers[0]["fwd"]}
+    params: dict[str, Any] = {"layers": layers}
     if head is not None:
         params["readout"] = readout_from_torch(head, dtype=dtype)
         features, got = input_size, params["readout"]["W_hy"].shape[0]
@@ -248,19 +248,38 @@ def from_torch(source, cell, head=None, *, deep: bool = False, dtype=None) -> di
 # jax_bptt -> PyTorch
 
 
-def _layers_of(params) -> list[dict]:
-    """The ``[{"fwd": ..., "bwd"?: ...}]`` list of any params layout."""
-    if isinstance(params, Mapping):
-        if "layers" in params:
-            return list(params["layers"])
-        if "cell" in params:
-            return [{"fwd": params["cell"]}]
-        if "W_xh" in params:
-            return [{"fwd": params}]
-    raise TypeError(
-        "params must be init_model's {'cell', 'readout'}, jax_bptt.deep's {'layers', 'readout'} "
-        f"or bare cell params {{'W_xh', 'W_hh', 'b_h', ...}}, got {type(params).__name__}"
-    )
+def _layers_of(params, cell) -> list[dict]:
+    """The validated ``[{"fwd": ..., "bwd"?: ...}]`` of ``init_model``-layout params.
+
+    Every leaf is checked against ``cell`` (``jax_bptt.validation.check_params``); the
+    ``"readout"`` may be absent (``from_torch`` without a head).
+    """
+    if not isinstance(params, Mapping) or not isinstance(params.get("layers"), list | tuple):
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise TypeError(
+            "params must be init_model's layout {'layers': [{'fwd': cell_params, 'bwd'?: ...}, "
+            f"...], 'readout'?: {{'W_hy', 'b_y'}}}}, got {got}"
+        )
+    layers = list(params["layers"])
+    for i, layer in enumerate(layers):  # the wrong cell's params: say so before the leaf checks
+        for name in ("fwd", "bwd"):
+            p = layer.get(name) if isinstance(layer, Mapping) else None
+            w_hh = p.get("W_hh") if isinstance(p, Mapping) else None
+            shape = tuple(np.shape(w_hh)) if w_hh is not None else None
+            if shape is not None and (len(shape) != 2 or shape[1] != cell.num_gates * shape[0]):
+                raise ValueError(
+                    f"layer {i} ({name}) W_hh has shape {shape}, but cell {cell.name!r} needs "
+                    f"(H, {cell.num_gates} * H): are these the params of another cell?"
+                )
+    readout = params.get("readout")
+    if readout is None and layers and isinstance(layers[-1], Mapping):
+        # check_params wants a readout: a stand-in of the top layer's width, checked trivially.
+        top = [p for p in layers[-1].values() if isinstance(p, Mapping) and "W_hh" in p]
+        dtype = np.asarray(top[0]["W_hh"]).dtype if top else np.float32
+        features = sum(np.shape(p["W_hh"])[0] for p in top)
+        readout = {"W_hy": np.zeros((features, 1), dtype), "b_y": np.zeros((1,), dtype)}
+    check_params({"layers": layers, "readout": readout}, cell)
+    return layers
 
 
 def _torch_tensor(torch, array):
@@ -270,29 +289,22 @@ def _torch_tensor(torch, array):
 def to_torch(params, cell) -> dict:
     """jax_bptt params -> the state dict of the equivalent ``nn.RNN``/``nn.LSTM``/``nn.GRU``.
 
-    Accepts ``init_model`` params, ``jax_bptt.deep`` params or bare cell params; the readout is
-    not part of it (see ``readout_to_torch``). Keys and shapes are those of
+    ``params`` in ``init_model``'s layout (the ``"readout"`` is optional and not part of the
+    result: see ``readout_to_torch``). Keys and shapes are those of
     ``module.state_dict()``, so ``module.load_state_dict(to_torch(params, cell))`` works for a
     module of matching sizes and dtype (``to_torch_modules`` builds one).
     """
     torch = _import_torch()
     cell = get_cell(cell)
     state_dict = {}
-    for layer, directions in enumerate(_layers_of(params)):
+    for layer, directions in enumerate(_layers_of(params, cell)):
         for name, suffix in DIRECTIONS:
             if name not in directions:
                 continue
             p = directions[name]
             hidden_size = p["W_hh"].shape[0]
-            if p["W_hh"].shape != (hidden_size, cell.num_gates * hidden_size):
-                raise ValueError(
-                    f"layer {layer} ({name}) W_hh has shape {tuple(p['W_hh'].shape)}, but cell "
-                    f"{cell.name!r} needs (H, {cell.num_gates} * H)"
-                )
             b_h = np.asarray(p["b_h"])
             if cell.name == "gru":
-                if "b_hn" not in p:
-                    raise ValueError(f"GRU params of layer {layer} ({name}) lack 'b_hn'")
                 b_hh = np.concatenate(
                     [np.zeros_like(b_h[: 2 * hidden_size]), np.asarray(p["b_hn"])]
                 )
@@ -308,9 +320,22 @@ def to_torch(params, cell) -> dict:
     return state_dict
 
 
-def readout_to_torch(readout) -> dict:
-    """``{"W_hy", "b_y"}`` -> ``nn.Linear`` state dict ``{"weight": W_hy.T, "bias": b_y}``."""
+def readout_to_torch(params) -> dict:
+    """The readout -> ``nn.Linear`` state dict ``{"weight": W_hy.T, "bias": b_y}``.
+
+    ``params``: ``init_model``-layout params (their ``"readout"`` is converted) or the readout
+    ``{"W_hy", "b_y"}`` itself.
+    """
     torch = _import_torch()
+    readout = params.get("readout") if isinstance(params, Mapping) else None
+    if readout is None and isinstance(params, Mapping) and "layers" not in params:
+        readout = params
+    if not isinstance(readout, Mapping) or not {"W_hy", "b_y"} <= set(readout):
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise TypeError(
+            "readout_to_torch takes params with a 'readout' {'W_hy', 'b_y'} (or that readout "
+            f"itself), got {got}"
+        )
     return {
         "weight": _torch_tensor(torch, np.asarray(readout["W_hy"]).T),
         "bias": _torch_tensor(torch, readout["b_y"]),
@@ -323,10 +348,16 @@ def to_torch_modules(params, cell):
     ``rnn`` is an ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (``batch_first=False``) with the params'
     num_layers, bidirectionality and dtype; ``head`` the ``nn.Linear`` readout, or None when
     ``params`` has no ``"readout"``.
+
+    Example:
+      >>> params = init_model(jax.random.key(0), "lstm", 3, 8, 2, num_layers=2)
+      >>> rnn, head = to_torch_modules(params, "lstm")
+      >>> rnn.num_layers, head.weight.shape
+      (2, torch.Size([2, 8]))
     """
     torch = _import_torch()
     cell = get_cell(cell)
-    layers = _layers_of(params)
+    layers = _layers_of(params, cell)
     first = layers[0]["fwd"]
     dtype = _torch_tensor(torch, first["W_xh"][:0]).dtype
     kwargs = dict(
@@ -344,8 +375,8 @@ def to_torch_modules(params, cell):
         rnn = torch.nn.RNN(nonlinearity=cell.name.removeprefix("elman_"), **kwargs)
     rnn.load_state_dict(to_torch(params, cell))
     head = None
-    if isinstance(params, Mapping) and "readout" in params:
+    if params.get("readout") is not None:
         w_hy = params["readout"]["W_hy"]
         head = torch.nn.Linear(w_hy.shape[0], w_hy.shape[1], dtype=dtype)
-        head.load_state_dict(readout_to_torch(params["readout"]))
+        head.load_state_dict(readout_to_torch(params))
     return rnn, head

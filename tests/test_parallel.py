@@ -1,11 +1,14 @@
-"""Data parallelism (``jax_bptt.parallel``): 1, 2, 4, 8 devices train exactly like one.
+"""Data parallelism (``jax_bptt.parallel``): 1, 2, 4, 8 devices train exactly like one, in every
+BPTT mode, for a single-layer model and a stacked bidirectional one (residual, dropout), and for
+truncated BPTT at one and two layers.
 
 JAX fixes its device count when it starts, and this pytest process already runs it with one CPU
 device. So the multi-device checks run in a child process started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and ``JAX_ENABLE_X64=1``: it is this file
 run as a script (``python tests/test_parallel.py <check>``), which prints one JSON line of
 measurements (errors against the unsharded train step, shardings, collectives in the compiled
-step) that the tests then assert on. Two children, one per test, so ``pytest -n 2`` overlaps them.
+step) that the tests then assert on. Three children, one per test, so ``pytest -n 2`` overlaps
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_bptt import fast, init_model, modes, parallel
+from jax_bptt import Loss, ScanOptions, init_model, modes, parallel
 from jax_bptt.check import relative_error
 from jax_bptt.train import make_optimizer, make_train_step
 
@@ -30,6 +33,8 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 STEPS = 3  # optimizer steps per comparison
 F64_TOL, F32_TOL = 1e-12, 1e-6
 T, B, D, H, OUT = 6, 8, 3, 4, 2
+DEEP = dict(num_layers=2, bidirectional=True)  # the stacked model: 2 layers, both directions
+DEEP_STEP = dict(dropout=0.25, residual="except_first")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +63,11 @@ def _train(step, params, optimizer, batches, opt_state=None):
     return np.stack(losses), params, info, batch
 
 
+def _batch_only(batch: dict) -> dict:
+    """A train-step batch without the dropout key (which is replicated, not split)."""
+    return {name: value for name, value in batch.items() if name != "key"}
+
+
 def _spec(array) -> list:
     """The partition spec as a JSON-able list, e.g. ``[None, "batch"]``; ``[]`` replicated."""
     return list(array.sharding.spec)
@@ -78,14 +88,14 @@ def _compare(name, step, params, optimizer, batches, reference, num_devices) -> 
     dp_step = _DP_STEPS[key][1]
     mesh = dp_step.mesh
     losses, new_params, info, last = _train(dp_step, params, optimizer, batches)
-    sharded = parallel.shard_batch(last, mesh)
+    sharded = parallel.shard_batch(_batch_only(last), mesh)
     record = {
         "name": name,
         "devices": num_devices,
         "mesh_devices": mesh.devices.size,
         "loss_error": relative_error(losses, reference[0])[1],
         "params_error": _max_error(new_params, reference[1]),
-        "params_spec": _spec(new_params["cell"]["W_hh"]),
+        "params_spec": _spec(new_params["layers"][-1]["fwd"]["W_hh"]),
         "xs_spec": _spec(sharded["xs"]),
         "xs_shards": _shard_shapes(sharded["xs"]),
     }
@@ -94,7 +104,8 @@ def _compare(name, step, params, optimizer, batches, reference, num_devices) -> 
         record.update(carry_spec=_spec(leaf), carry_shards=_shard_shapes(leaf))
     if num_devices > 1:  # the partitioner split the batch: the gradient sums are all-reduced
         replicated = parallel.replicate((params, optimizer.init(params)), mesh)
-        hlo = dp_step.jitted.lower(*replicated, sharded).compile().as_text()  # cached compile
+        key = () if "key" not in last else (parallel.replicate(last["key"], mesh),)
+        hlo = dp_step.jitted.lower(*replicated, sharded, *key).compile().as_text()
         record["all_reduces"] = hlo.count("all-reduce(") + hlo.count("all-reduce-start(")
     return record
 
@@ -109,8 +120,8 @@ def _data(batch_size=B, num_steps=T, seed=0, dtype=np.float64):
     return xs, targets, lengths
 
 
-def _params(cell, dtype=np.float64, seed=0):
-    params = init_model(jax.random.key(seed), cell, D, H, OUT, dtype=jnp.float64)
+def _params(cell, dtype=np.float64, seed=0, **model):
+    params = init_model(jax.random.key(seed), cell, D, H, OUT, dtype=jnp.float64, **model)
     return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), params)
 
 
@@ -129,18 +140,13 @@ def child_modes() -> dict:
         for n in counts:
             records.append(_compare(mode, steps[mode], params, optimizer, batches, reference, n))
 
-    # The fast path's backward in one-step chunks (CHUNK_BYTES is read when a new train step
-    # traces) on 8 devices, against the one-chunk step on one device.
+    # The fast path's backward in one-step chunks on 8 devices, against the one-chunk step (the
+    # CPU default at this size) on one device.
     reference = _train(steps["fast"], params, optimizer, batches)[:2]
-    saved = dict(fast.CHUNK_BYTES)
-    fast.CHUNK_BYTES["cpu"] = 1
-    try:
-        chunked = make_train_step(optimizer, cell="elman_tanh", mode="fast")
-        record = _compare("fast", chunked, params, optimizer, batches, reference, NUM_DEVICES)
-        records.append({**record, "chunked": True})
-    finally:
-        fast.CHUNK_BYTES.clear()
-        fast.CHUNK_BYTES.update(saved)
+    options = ScanOptions(chunk_length=1)
+    chunked = make_train_step(optimizer, cell="elman_tanh", mode="fast", options=options)
+    record = _compare("fast", chunked, params, optimizer, batches, reference, NUM_DEVICES)
+    records.append({**record, "chunked": True})
 
     # Five sequences on eight devices: an error naming both, or five real rows and three
     # length-0 rows whose loss and update equal the unpadded batch's.
@@ -183,12 +189,24 @@ def child_truncated() -> dict:
         {"xs": xs[j * k1 : j * k1 + k2], "targets": targets[j * k1 : j * k1 + k2], "h0": None}
         for j in range(num_windows)
     ]
-    batches[0]["h0"] = h0
+    batches[0]["h0"] = [{"fwd": h0}]  # one {"fwd": state} per layer
     step = make_train_step(optimizer, cell="lstm", mode="manual", truncation=(k1, k2))
     reference = _train(step, params, optimizer, batches)[:2]
     records = [
         _compare("truncated", step, params, optimizer, batches, reference, n) for n in DEVICE_COUNTS
     ]
+    # Two stacked layers (unidirectional: a carried state has no future), residual on layer 1.
+    deep_params = _params("lstm", seed=4, num_layers=2)
+    deep_h0 = [{"fwd": h0}, {"fwd": (0.5 * h0[1], 0.5 * h0[0])}]
+    deep_batches = [{**batch, "h0": deep_h0 if j == 0 else None} for j, batch in enumerate(batches)]
+    deep_step = make_train_step(
+        optimizer, cell="lstm", mode="fast", truncation=(k1, k2), residual="except_first"
+    )
+    reference = _train(deep_step, deep_params, optimizer, deep_batches)[:2]
+    record = _compare(
+        "truncated-deep", deep_step, deep_params, optimizer, deep_batches, reference, NUM_DEVICES
+    )
+    records.append({**record, "deep": True})
 
     # The bare jitted step, given sharded arguments (optimizer state included: optax's step
     # count would otherwise sit on one device and cost a second compile), partitions itself.
@@ -204,7 +222,7 @@ def child_truncated() -> dict:
     bare = {
         "loss_error": relative_error(losses, reference[0])[1],
         "params_error": _max_error(bare_params, reference[1]),
-        "params_spec": _spec(bare_params["cell"]["W_hh"]),
+        "params_spec": _spec(bare_params["layers"][0]["fwd"]["W_hh"]),
     }
 
     params32 = _params("elman_tanh", np.float32)
@@ -217,7 +235,7 @@ def child_truncated() -> dict:
 
     # Multi-host helpers in one process: this process's slice is the whole batch, and the
     # assembled global arrays equal shard_batch's, values and shardings.
-    batch = {"xs": xs, "targets": targets, "h0": h0}
+    batch = {"xs": xs, "targets": targets, "h0": [{"fwd": h0}]}
     local = parallel.process_batch_slice(batch, jax.process_index(), jax.process_count())
     assembled = parallel.make_global_batch(local, mesh)
     expected = parallel.shard_batch(batch, mesh)
@@ -237,7 +255,24 @@ def child_truncated() -> dict:
     }
 
 
-CHILDREN = {"modes": child_modes, "truncated": child_truncated}
+def child_deep() -> dict:
+    """Every BPTT mode on 8 devices for a 2-layer bidirectional GRU with a residual connection on
+    layer 1 and dropout between the layers (the same masks, from one key per step, on every
+    device count), with lengths."""
+    optimizer = make_optimizer("adam", 0.05)
+    params = _params("gru", seed=3, **DEEP)
+    xs, targets, lengths = _data(seed=3)
+    keys = [jax.random.key(10 + i) for i in range(STEPS)]
+    batches = [{"xs": xs, "targets": targets, "lengths": lengths, "key": k} for k in keys]
+    records = []
+    for mode in modes.BPTT_MODES:
+        step = make_train_step(optimizer, cell="gru", mode=mode, **DEEP_STEP)
+        reference = _train(step, params, optimizer, batches)[:2]
+        records.append(_compare(mode, step, params, optimizer, batches, reference, NUM_DEVICES))
+    return {"device_count": jax.device_count(), "records": records}
+
+
+CHILDREN = {"modes": child_modes, "deep": child_deep, "truncated": child_truncated}
 
 
 def _run_child(name: str) -> dict:
@@ -248,7 +283,7 @@ def _run_child(name: str) -> dict:
         "JAX_PLATFORMS": "cpu",
     }
     done = subprocess.run(
-        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, f"child {name!r} failed:\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -295,10 +330,23 @@ def test_every_mode_on_1_2_4_8_devices_trains_like_one_device():
     _assert_sharded(pad)
 
 
+def test_every_mode_of_a_stacked_bidirectional_model_on_8_devices():
+    result = _run_child("deep")
+    assert result["device_count"] == NUM_DEVICES
+    assert [(r["name"], r["devices"]) for r in result["records"]] == [
+        (mode, NUM_DEVICES) for mode in modes.BPTT_MODES
+    ]
+    for record in result["records"]:
+        assert record["loss_error"] <= F64_TOL, record
+        assert record["params_error"] <= F64_TOL, record
+        _assert_sharded(record)
+
+
 def test_truncated_bptt_bare_step_float32_and_global_batch_on_8_devices():
     result = _run_child("truncated")
     assert result["device_count"] == NUM_DEVICES and result["process_count"] == 1
-    assert [r["devices"] for r in result["records"]] == list(DEVICE_COUNTS)
+    assert [r["devices"] for r in result["records"]] == [*DEVICE_COUNTS, NUM_DEVICES]
+    assert [r["name"] for r in result["records"]][-1] == "truncated-deep"
     for record in result["records"]:
         assert record["loss_error"] <= F64_TOL, record
         assert record["params_error"] <= F64_TOL, record
@@ -312,7 +360,7 @@ def test_truncated_bptt_bare_step_float32_and_global_batch_on_8_devices():
     assert f32["loss_error"] <= F32_TOL and f32["params_error"] <= F32_TOL
     _assert_sharded(f32)
 
-    # Leaves in key order: h0 (h, c), targets, xs.
+    # Leaves in key order: h0 [{"fwd": (h, c)}], targets, xs.
     assert result["global_batch_same"] == [True] * 4
     assert result["global_specs"] == [["batch"], ["batch"], [None, "batch"], [None, "batch"]]
 
@@ -324,6 +372,9 @@ def test_truncated_bptt_bare_step_float32_and_global_batch_on_8_devices():
 def test_layout_rule_puts_the_batch_axis_where_each_argument_has_it():
     assert parallel.batch_dims("per_step") == {"xs": 1, "targets": 1, "lengths": 0, "h0": 0}
     assert parallel.batch_dims("last_step")["targets"] == 0
+    assert parallel.batch_dims(Loss("cross_entropy", "last_step")) == parallel.batch_dims(
+        "last_step"
+    )
     mesh = parallel.make_mesh(1)
     assert mesh.axis_names == ("batch",)
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
@@ -353,10 +404,11 @@ def test_batch_checks_name_the_argument_and_the_sizes():
 def test_pad_batch_adds_zero_rows_of_length_zero():
     xs = np.arange(T * 3 * D, dtype=np.float64).reshape(T, 3, D) + 1
     targets = np.ones((3, OUT))  # last-step targets: batch axis 0
-    h0 = (np.ones((3, H)), np.ones((3, H)))
+    h0 = [{"fwd": (np.ones((3, H)), np.ones((3, H)))}, {"fwd": (np.ones((3, H)), np.ones((3, H)))}]
     padded = parallel.pad_batch({"xs": xs, "targets": targets, "h0": h0}, 4, placement="last_step")
     assert padded["xs"].shape == (T, 4, D) and padded["targets"].shape == (4, OUT)
-    assert [leaf.shape for leaf in padded["h0"]] == [(4, H), (4, H)]
+    assert [leaf.shape for leaf in jax.tree_util.tree_leaves(padded["h0"])] == [(4, H)] * 4
+    assert not np.any(padded["h0"][1]["fwd"][0][3]) and np.all(padded["h0"][1]["fwd"][0][:3])
     np.testing.assert_array_equal(padded["xs"][:, :3], xs)
     assert not np.any(padded["xs"][:, 3]) and not np.any(padded["targets"][3])
     np.testing.assert_array_equal(padded["lengths"], [T, T, T, 0])
@@ -368,7 +420,7 @@ def test_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one():
     # Last-step cross-entropy: a padded row's class id 0 is valid, and its length 0 picks no step.
     params, (xs, _, lengths) = _params("elman_tanh"), _data(batch_size=3)
     targets = np.array([1, 0, 1])
-    kw = dict(cell="elman_tanh", loss="cross_entropy", placement="last_step", reduction="mean")
+    kw = dict(cell="elman_tanh", loss=Loss("cross_entropy", "last_step", "mean"))
     original = modes.bptt(params, xs, targets, lengths=lengths, mode="manual", **kw)
     padded = parallel.pad_batch(
         {"xs": xs, "targets": targets, "lengths": lengths}, 4, placement="last_step"

@@ -13,7 +13,8 @@ import pytest
 
 from jax_bptt import bptt_auto, bptt_manual, unroll
 from jax_bptt.check import relative_error
-from jax_bptt.torch_convert import from_torch, to_torch, to_torch_modules
+from jax_bptt.losses import Loss
+from jax_bptt.torch_convert import from_torch, readout_to_torch, to_torch, to_torch_modules
 
 T, B, D, H, OUT = 5, 3, 3, 4, 2
 LENGTHS = np.array([5, 2, 4])  # max == T so pad_packed_sequence gives back T steps
@@ -48,23 +49,26 @@ def make_data(seed=1):
     return xs, h0, c0, targets
 
 
+def random_readout(rng):
+    ro = {"W_hy": (H, OUT), "b_y": (OUT,)}
+    return {k: jnp.asarray(rng.uniform(-0.5, 0.5, s)) for k, s in ro.items()}
+
+
 def random_params(cell, seed=2):
     """Our layout filled from numpy (no init_model: that would compile a few kernels)."""
     rng = np.random.default_rng(seed)
     g = {"lstm": 4, "gru": 3}.get(cell, 1)
     p = {"W_xh": (D, g * H), "W_hh": (H, g * H), "b_h": (g * H,), "b_hn": (H,)}
-    ro = {"W_hy": (H, OUT), "b_y": (OUT,)}
-    params = {
-        "cell": {k: jnp.asarray(rng.uniform(-0.5, 0.5, s)) for k, s in p.items()},
-        "readout": {k: jnp.asarray(rng.uniform(-0.5, 0.5, s)) for k, s in ro.items()},
-    }
+    fwd = {k: jnp.asarray(rng.uniform(-0.5, 0.5, s)) for k, s in p.items()}
     if cell != "gru":
-        del params["cell"]["b_hn"]
-    return params
+        del fwd["b_hn"]
+    return {"layers": [{"fwd": fwd}], "readout": random_readout(rng)}
 
 
 def our_h0(cell, h0, c0):
-    return (jnp.asarray(h0), jnp.asarray(c0)) if cell == "lstm" else jnp.asarray(h0)
+    """A single-layer model's h0: one ``{"fwd": state}`` per layer."""
+    state = (jnp.asarray(h0), jnp.asarray(c0)) if cell == "lstm" else jnp.asarray(h0)
+    return [{"fwd": state}]
 
 
 def torch_h0(torch, cell, h0, c0, requires_grad=False):
@@ -90,7 +94,9 @@ def assert_close(ours, reference, tol, what):
     assert rel <= tol, f"{what}: relative error {rel:.2e} (max abs {max_abs:.2e}) > {tol:.0e}"
 
 
-def assert_final_states(cell, ours, final):
+def assert_final_states(cell, finals, final):
+    assert len(finals) == 1 and set(finals[0]) == {"fwd"}
+    ours = finals[0]["fwd"]
     if cell == "lstm":
         assert_close(ours[0], final[0][0], FORWARD_TOL, "final h")
         assert_close(ours[1], final[1][0], FORWARD_TOL, "final c")
@@ -107,19 +113,21 @@ def assert_final_states(cell, ours, final):
 def test_forward_matches_torch(torch, cell, with_lengths):
     rnn = make_rnn(torch, cell)
     params = from_torch(rnn, cell)
+    assert set(params) == {"layers"} and len(params["layers"]) == 1  # no head: no readout
+    params["readout"] = random_readout(np.random.default_rng(0))  # unroll reads only the layers
     xs, h0, c0, _ = make_data()
     lengths = LENGTHS if with_lengths else None
     with torch.no_grad():
         out, final = run_torch(torch, rnn, xs, torch_h0(torch, cell, h0, c0), lengths)
-    hs, ours = unroll(
-        cell,
-        params["cell"],
+    hs, finals = unroll(
+        params,
         jnp.asarray(xs),
-        our_h0(cell, h0, c0),
-        None if lengths is None else jnp.asarray(lengths),
+        cell=cell,
+        h0=our_h0(cell, h0, c0),
+        lengths=None if lengths is None else jnp.asarray(lengths),
     )
     assert_close(hs, out, FORWARD_TOL, "all hidden states")
-    assert_final_states(cell, ours, final)
+    assert_final_states(cell, finals, final)
     if with_lengths:  # both zero past the length, so the comparison above covers the padding
         assert float(np.abs(np.asarray(hs)[LENGTHS[1] :, 1]).max()) == 0.0
 
@@ -151,14 +159,16 @@ def test_to_torch_modules_compute_our_model(torch, cell):
     params = random_params(cell)
     rnn, head = to_torch_modules(params, cell)
     assert rnn.weight_ih_l0.dtype == torch.float64 and head.weight.shape == (OUT, H)
+    for given in (params, params["readout"]):  # the model's params or its readout alone
+        np.testing.assert_array_equal(readout_to_torch(given)["weight"], head.weight.detach())
     xs, h0, c0, _ = make_data(seed=6)
     with torch.no_grad():
         out, final = rnn(torch.tensor(xs), torch_h0(torch, cell, h0, c0))
         ys = head(out)
-    hs, ours = unroll(cell, params["cell"], jnp.asarray(xs), our_h0(cell, h0, c0))
+    hs, finals = unroll(params, jnp.asarray(xs), cell=cell, h0=our_h0(cell, h0, c0))
     assert_close(hs, out, FORWARD_TOL, "outputs")
     assert_close(hs @ params["readout"]["W_hy"] + params["readout"]["b_y"], ys, FORWARD_TOL, "ys")
-    assert_final_states(cell, ours, final)
+    assert_final_states(cell, finals, final)
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,9 +206,7 @@ def test_gradients_match_torch_autograd(torch, cell, with_lengths):
 
     kwargs = dict(
         cell=cell,
-        loss="mse",
-        placement="per_step",
-        reduction="mean",
+        loss=Loss("mse", "per_step", "mean"),
         h0=our_h0(cell, h0, c0),
         lengths=None if lengths is None else jnp.asarray(lengths),
     )
@@ -207,7 +215,8 @@ def test_gradients_match_torch_autograd(torch, cell, with_lengths):
         grads = method(params, jnp.asarray(xs), jnp.asarray(targets), **kwargs)
         name = method.__name__
         assert_close(grads.loss, loss.detach().numpy(), FORWARD_TOL, f"{name} loss")
-        g = grads.params["cell"]
+        assert len(grads.params["layers"]) == 1
+        g = grads.params["layers"][0]["fwd"]
         assert_close(g["W_xh"], rnn.weight_ih_l0.grad.T, GRAD_TOL, f"{name} W_xh")
         assert_close(g["W_hh"], rnn.weight_hh_l0.grad.T, GRAD_TOL, f"{name} W_hh")
         # the combined bias: its gradient is torch's bias_ih gradient
@@ -220,11 +229,12 @@ def test_gradients_match_torch_autograd(torch, cell, with_lengths):
         assert_close(grads.params["readout"]["W_hy"], head.weight.grad.T, GRAD_TOL, "W_hy")
         assert_close(grads.params["readout"]["b_y"], head.bias.grad, GRAD_TOL, "b_y")
         assert_close(grads.xs, x.grad, GRAD_TOL, f"{name} xs")
+        d_h0 = grads.h0[0]["fwd"]
         if cell == "lstm":
-            assert_close(grads.h0[0], state0[0].grad[0], GRAD_TOL, f"{name} h0")
-            assert_close(grads.h0[1], state0[1].grad[0], GRAD_TOL, f"{name} c0")
+            assert_close(d_h0[0], state0[0].grad[0], GRAD_TOL, f"{name} h0")
+            assert_close(d_h0[1], state0[1].grad[0], GRAD_TOL, f"{name} c0")
         else:
-            assert_close(grads.h0, state0.grad[0], GRAD_TOL, f"{name} h0")
+            assert_close(d_h0, state0.grad[0], GRAD_TOL, f"{name} h0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,7 +254,9 @@ def numpy_state_dict(cell, hidden=H, inputs=D, gates=None):
 
 def test_numpy_state_dict_converts_with_the_documented_bias_split():
     sd = numpy_state_dict("gru")
-    p = from_torch(sd, "gru", head={"weight": np.ones((OUT, H)), "bias": np.zeros(OUT)})["cell"]
+    params = from_torch(sd, "gru", head={"weight": np.ones((OUT, H)), "bias": np.zeros(OUT)})
+    assert len(params["layers"]) == 1 and set(params["layers"][0]) == {"fwd"}
+    p = params["layers"][0]["fwd"]
     np.testing.assert_array_equal(p["W_xh"], sd["weight_ih_l0"].T)
     np.testing.assert_array_equal(p["W_hh"], sd["weight_hh_l0"].T)
     b_hh = sd["bias_hh_l0"]
@@ -267,8 +279,9 @@ def test_head_without_bias_gets_zero_b_y():
         (lambda sd: sd.update(weight_ih_l0=np.zeros((5, 3))), "elman_tanh", "weight_ih_l0 has"),
         (lambda sd: sd.update({"rnn.extra": np.zeros(1)}), "gru", "unexpected keys.*rnn.extra"),
         (lambda sd: sd.update(weight_hr_l0=np.zeros(1)), "lstm", "proj_size"),
-        (lambda sd: sd.update(weight_ih_l1=np.zeros(1)), "gru", "num_layers=2.*deep=True"),
-        (lambda sd: sd.update(weight_ih_l0_reverse=np.zeros(1)), "gru", "bidirectional=True"),
+        # a second layer / a backward direction converts, but only with all four of its arrays
+        (lambda sd: sd.update(weight_ih_l1=np.zeros(1)), "gru", "missing 'weight_hh_l1'"),
+        (lambda sd: sd.update(weight_ih_l0_reverse=np.zeros(1)), "gru", "missing 'weight_hh_l0_r"),
     ],
     ids=["no-bias", "no-weight", "bias-shape", "w-ih-shape", "extra", "proj", "layers", "bidir"],
 )
@@ -293,8 +306,15 @@ def test_bad_params_for_to_torch(torch):
     with pytest.raises(TypeError, match="params must be"):
         to_torch({"weights": 1}, "gru")
     lstm_params = random_params("lstm")
+    with pytest.raises(TypeError, match="params must be"):  # the old single-layer layout
+        to_torch({"cell": lstm_params["layers"][0]["fwd"]}, "lstm")
     with pytest.raises(ValueError, match="W_hh has shape.*'gru' needs"):
         to_torch(lstm_params, "gru")
+    fwd = dict(lstm_params["layers"][0]["fwd"], b_h=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"\['b_h'\] must have shape \(16,\)"):
+        to_torch({"layers": [{"fwd": fwd}]}, "lstm")
+    with pytest.raises(TypeError, match="readout"):
+        readout_to_torch({"layers": lstm_params["layers"]})
 
 
 def test_module_errors(torch):
@@ -306,10 +326,11 @@ def test_module_errors(torch):
         from_torch(make_rnn(torch, "gru", bias=False), "gru")
     with pytest.raises(ValueError, match="proj_size=2"):
         from_torch(make_rnn(torch, "lstm", proj_size=2), "lstm")
-    with pytest.raises(ValueError, match="num_layers=2"):
-        from_torch(make_rnn(torch, "lstm", num_layers=2), "lstm")
-    with pytest.raises(ValueError, match="bidirectional=True"):
-        from_torch(make_rnn(torch, "elman_tanh", bidirectional=True), "elman_tanh")
+    # stacked and bidirectional modules convert to the same layout (their parity: test_deep.py)
+    stacked = from_torch(make_rnn(torch, "lstm", num_layers=2), "lstm")["layers"]
+    assert [set(layer) for layer in stacked] == [{"fwd"}, {"fwd"}]
+    bidirectional = from_torch(make_rnn(torch, "elman_tanh", bidirectional=True), "elman_tanh")
+    assert [set(layer) for layer in bidirectional["layers"]] == [{"fwd", "bwd"}]
     with pytest.raises(TypeError, match="nn.RNN, nn.LSTM or nn.GRU"):
         from_torch(torch.nn.Linear(2, 2), "gru")
 
@@ -321,8 +342,8 @@ def test_module_imports_and_converts_without_torch():
         "from jax_bptt.torch_convert import from_torch, to_torch\n"
         "sd = {k: np.ones(s) for k, s in [('weight_ih_l0', (4, 3)), ('weight_hh_l0', (4, 4)),"
         " ('bias_ih_l0', (4,)), ('bias_hh_l0', (4,))]}\n"
-        "assert from_torch(sd, 'elman_tanh')['cell']['b_h'].tolist() == [2.0] * 4\n"
-        "try:\n    to_torch({'cell': {}}, 'gru')\nexcept ImportError as e:\n"
+        "assert from_torch(sd, 'elman_tanh')['layers'][0]['fwd']['b_h'].tolist() == [2.0] * 4\n"
+        "try:\n    to_torch({'layers': []}, 'gru')\nexcept ImportError as e:\n"
         "    assert 'needs PyTorch' in str(e)\nelse:\n    raise SystemExit('no ImportError')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
