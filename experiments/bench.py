@@ -6,17 +6,23 @@ all params, the inputs and the initial state, in float32. Modes:
 
   auto          jax.grad through a plain lax.scan whose step also does x_t @ W_xh
                 (``jax_bptt.cells.step``): the textbook baseline
-  auto_hoisted  jax.grad through the scan with the input projection hoisted (``bptt_auto``)
-  manual        the hand-written reverse scan called directly (``bptt_manual``)
-  fast          jax.grad through ``unroll_fast`` (custom_vjp; ``bptt_fast``), unroll=1, the
-                platform's default backward chunking (``jax_bptt.fast.default_chunk_length``)
-  fast_one_chunk  the same with the backward in one chunk (``chunk_length=T``), unroll=1
-  fast_u{k}     the same with ``lax.scan(unroll=k)``; "fast+unroll" is the best k of the point
-  checkpointed  ``bptt_checkpointed``: segment-boundary states only, default segment ceil(sqrt T)
+  auto_hoisted  ``bptt(mode="auto")``: jax.grad through the scan with the input projection
+                hoisted
+  manual        ``bptt(mode="manual")``: the hand-written reverse scan called directly
+  fast          ``bptt(mode="fast")`` (custom_vjp around the hand-written backward) with
+                ``ScanOptions(unroll=1)``: the platform's default backward chunking
+                (``jax_bptt.backends.default_chunk_length``)
+  fast_one_chunk  the same with ``ScanOptions(unroll=1, chunk_bytes=0)``: the backward in one chunk
+  fast_u{k}     the same with ``ScanOptions(unroll=k)``; "fast+unroll" is the best k of the point
+  fast_default  the same with ``ScanOptions()``: the platform's default unroll too
+  checkpointed  ``bptt(mode="checkpointed")``: segment-boundary states only, default segment
+                ceil(sqrt T)
   gemm_floor    not BPTT: only the matrix products every exact BPTT of this model must run, in
                 the same two sequential loops, with one tanh per step as the only gate math
                 (``gemm_floor``), unroll 1. No implementation built from XLA's GEMMs can beat
                 it at the same unroll: ``gemm_floor / auto`` bounds the speed-up over ``auto``
+
+Each library candidate's record holds the ``ScanOptions`` it resolved to (``"options"``).
 
 Peers, when installed: PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` (cuDNN on a GPU;
 ``--device``) and Flax ``nn.RNN`` with ``SimpleCell``/``OptimizedLSTMCell``/``GRUCell`` + ``Dense``.
@@ -34,55 +40,31 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import functools
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 
-
-def _threads_from_argv(argv) -> int | None:
-    """``--threads N`` must act before JAX creates its CPU client, i.e. before the imports."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return None
-
-
-THREADS = _threads_from_argv(sys.argv) if __name__ == "__main__" else None
-if THREADS is not None:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen={'true' if THREADS > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={THREADS}"
-    )
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jax_bptt import (  # noqa: E402
-    bptt_auto,
-    bptt_manual,
-    get_cell,
-    init_model,
-    readout,
-    sequence_loss,
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import (
+    POSITIVE,
+    Parser,
+    device_name,
+    int_list,
+    set_cpu_threads,
+    versions,
+    write_text,
 )
-from jax_bptt.bptt import previous_states, sum_outer  # noqa: E402
-from jax_bptt.cells import step  # noqa: E402
-from jax_bptt.fast import (  # noqa: E402
-    bptt_checkpointed,
-    bptt_fast,
-    compiled_temp_bytes,
-    resolve_unroll,
-)
+
+from jax_bptt import ScanOptions, bptt, get_cell, init_model
+from jax_bptt.backends import PLATFORM_DEFAULTS, resolve_options
+from jax_bptt.cells import step
+from jax_bptt.losses import Loss, sequence_loss
+from jax_bptt.model import readout
+from jax_bptt.scan import previous_states, sum_outer
 
 FULL_GRID = [  # (B, H, T, D)
     (64, 512, 1024, 128),
@@ -96,38 +78,29 @@ FULL_LONG = (16, 256, 16384, 64)
 QUICK_LONG = (4, 32, 16384, 8)
 CELLS = ("elman_tanh", "lstm", "gru")
 UNROLLS = (1, 2, 4, 8, 16)
+PACKAGES = ("jax", "jaxlib", "numpy", "torch", "flax")
 
 
-# --------------------------------------------------------------------------------------------
-# Environment
+def default_unroll() -> int:
+    """The scan unroll ``ScanOptions(unroll=None)`` means on this platform."""
+    return PLATFORM_DEFAULTS[jax.default_backend()].unroll
 
 
-def cpu_model() -> str:
+def compile_measured(fn, *args):
+    """``(compiled, temp bytes)``: ``jax.jit(fn)`` compiled for ``args`` (call it with the same
+    args), and the bytes of temporary buffers XLA allocates for it (not counting arguments and
+    outputs), None when the backend does not report a memory analysis. One compilation serves
+    both the timing and the memory figure.
+
+    LOCAL STAND-IN for the package's former ``jax_bptt.fast.compiled_temp_bytes`` (measurement,
+    not model code; the redesign removed it).
+    """
+    compiled = jax.jit(fn).lower(*args).compile()
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def jax_device() -> str:
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)"
-    return f"{dev.platform}: {dev.device_kind}"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "numpy", "torch", "flax"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+        temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        temp = None
+    return compiled, None if temp is None else int(temp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,14 +109,14 @@ def versions() -> dict:
 
 def plain_scan_loss(cell, params, h0, xs, targets):
     """The textbook unroll: ``x_t @ W_xh`` inside the scan step, then readout and loss."""
+    cell_params = params["layers"][0]["fwd"]
 
     def body(state, x):
-        state = step(cell, params["cell"], state, x)
+        state = step(cell, cell_params, state, x)
         return state, cell.hidden(state)
 
     _, hs = jax.lax.scan(body, h0, xs)
-    ys = readout(params["readout"], hs)
-    return sequence_loss(ys, targets, loss="mse", placement="per_step", reduction="mean")
+    return sequence_loss(readout(params["readout"], hs), targets, Loss("mse"))
 
 
 def gemm_floor(params, h0, xs, targets):
@@ -155,7 +128,7 @@ def gemm_floor(params, h0, xs, targets):
     ``d (T B G)`` backward, as the fast path must. Gate math is replaced by one tanh (forward)
     and one multiply (backward) per step, so the values stay bounded and nothing is folded away.
     """
-    cell, ro = params["cell"], params["readout"]
+    cell, ro = params["layers"][0]["fwd"], params["readout"]
     hidden, gates = cell["W_hh"].shape
     h0 = jax.tree_util.tree_leaves(h0)[0]
     xp = xs @ cell["W_xh"]
@@ -183,38 +156,48 @@ def gemm_floor(params, h0, xs, targets):
     return d_params, d_h0, ds @ cell["W_xh"].T
 
 
+def library_modes(unrolls) -> dict:
+    """Candidate name -> ``(jax_bptt.bptt mode, ScanOptions)``: the library's candidates differ
+    only in the mode and the scan options (``fast_u{k}``: unroll k; ``fast_one_chunk``: the
+    backward in one chunk, ``chunk_bytes=0``; ``fast_default``: the platform's defaults)."""
+    modes = {"auto_hoisted": ("auto", ScanOptions()), "manual": ("manual", ScanOptions())}
+    for k in unrolls:
+        modes["fast" if k == 1 else f"fast_u{k}"] = ("fast", ScanOptions(unroll=k))
+    modes["fast_one_chunk"] = ("fast", ScanOptions(unroll=1, chunk_bytes=0))
+    modes["fast_default"] = ("fast", ScanOptions())
+    modes["checkpointed"] = ("checkpointed", ScanOptions())
+    return modes
+
+
 def jax_candidates(cell_name: str, modes, unrolls) -> dict:
+    """Name -> ``(jitted (params, h0, xs, targets) -> gradients, ScanOptions or None)``."""
     cell = get_cell(cell_name)
-
-    def library(fn, **kw):
-        return jax.jit(lambda p, h0, xs, ys: fn(p, xs, ys, cell=cell_name, h0=h0, **kw))
-
+    library = library_modes(unrolls)
     out = {}
     for mode in modes:
         if mode == "auto":
             grad = jax.value_and_grad(functools.partial(plain_scan_loss, cell), argnums=(0, 1, 2))
-            out[mode] = jax.jit(grad)
-        elif mode == "auto_hoisted":
-            out[mode] = library(bptt_auto)
-        elif mode == "manual":
-            out[mode] = library(bptt_manual)
-        elif mode == "fast":
-            for k in unrolls:
-                out["fast" if k == 1 else f"fast_u{k}"] = library(bptt_fast, unroll=k)
-        elif mode == "fast_one_chunk":
-            out[mode] = library(bptt_fast, unroll=1, chunk_length=2**31)  # clipped to T
-        elif mode == "fast_default":
-            out[mode] = library(bptt_fast)  # the backend's default unroll on this platform
-        elif mode == "checkpointed":
-            out[mode] = library(bptt_checkpointed)
-        elif mode == "gemm_floor":
-            out[mode] = jax.jit(gemm_floor)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+            out[mode] = (jax.jit(grad), None)
+            continue
+        if mode == "gemm_floor":
+            out[mode] = (jax.jit(gemm_floor), None)
+            continue
+        names = [n for n in library if n == "fast" or n.startswith("fast_u")]  # one per unroll
+        for name in names if mode == "fast" else [mode]:
+            if name not in library:
+                raise ValueError(f"unknown mode {mode!r}")
+            bptt_mode, options = library[name]
+            fn = functools.partial(_library_grads, cell=cell_name, mode=bptt_mode, options=options)
+            out[name] = (jax.jit(fn), options)
     return out
 
 
+def _library_grads(params, h0, xs, targets, *, cell, mode, options):
+    return bptt(params, xs, targets, cell=cell, mode=mode, h0=[{"fwd": h0}], options=options)
+
+
 def jax_inputs(cell_name, batch, hidden, steps, features):
+    """``(params, h0, xs, targets)``, float32; ``h0`` is the one layer's state."""
     keys = jax.random.split(jax.random.key(0), 3)
     params = init_model(keys[0], cell_name, features, hidden, features)
     h0 = get_cell(cell_name).zero_state((batch,), hidden, jnp.float32)
@@ -234,7 +217,10 @@ def jax_timer(fn, args):
 # Peers (optional, imported lazily)
 
 
-def torch_peer(cell_name, batch, hidden, steps, features, device):
+def torch_peer(cell_name, batch, hidden, steps, features, device, *, backward: bool = True):
+    """``(name, run, temp bytes)`` of PyTorch's RNN (cuDNN on a GPU): forward, readout, MSE and
+    the gradients, or (``backward=False``) the RNN's forward alone under ``no_grad``, the input
+    projection included; None without torch or without the asked-for device."""
     try:
         import torch
     except ImportError:
@@ -255,9 +241,12 @@ def torch_peer(cell_name, batch, hidden, steps, features, device):
     wrt = [*rnn.parameters(), *head.parameters(), xs, h0] + ([c0] if cell_name == "lstm" else [])
 
     def run():
-        hs, _ = rnn(xs, state)
-        loss = torch.mean((head(hs) - ys) ** 2)
-        torch.autograd.grad(loss, wrt)
+        if backward:
+            hs, _ = rnn(xs, state)
+            torch.autograd.grad(torch.mean((head(hs) - ys) ** 2), wrt)
+        else:
+            with torch.no_grad():
+                rnn(xs, state)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -299,7 +288,8 @@ def flax_peer(cell_name, batch, hidden, steps, features):
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     args = (params, xs, carry, ys)
     name = {"elman_tanh": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}[cell_name]
-    return f"flax nn.RNN({name})", jax_timer(fn, args), compiled_temp_bytes(fn, *args)
+    compiled, temp = compile_measured(fn, *args)
+    return f"flax nn.RNN({name})", jax_timer(compiled, args), temp
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,31 +320,34 @@ def measure_point(cell_name, size, modes, unrolls, repeats, peers, torch_device)
     args = jax_inputs(cell_name, *size)
     candidates = jax_candidates(cell_name, modes, unrolls)
     runs, meta = {}, {}
-    for mode, fn in candidates.items():
-        runs[mode] = jax_timer(fn, args)
-        meta[mode] = ("jax_bptt", compiled_temp_bytes(fn, *args))
+    for mode, (fn, options) in candidates.items():
+        compiled, temp = compile_measured(fn, *args)
+        runs[mode] = jax_timer(compiled, args)
+        meta[mode] = ("jax_bptt", temp, options)
     if peers:
         found = torch_peer(cell_name, *size, torch_device)
         if found is not None:
             runs[found[0]] = found[1]
-            meta[found[0]] = ("torch", found[2])
+            meta[found[0]] = ("torch", found[2], None)
         found = flax_peer(cell_name, *size)
         if found is not None:
             runs[found[0]] = found[1]
-            meta[found[0]] = ("flax", found[2])
+            meta[found[0]] = ("flax", found[2], None)
     medians = interleaved_medians(runs, repeats)
     records = []
     for mode, (ms, cpu_ms) in medians.items():
-        impl, temp = meta[mode]
+        impl, temp, options = meta[mode]
         record = dict(impl=impl, cell=cell_name, mode=mode, B=batch, H=hidden, T=steps)
         record.update(D=features, ms=ms, cpu_ms=cpu_ms, temp_bytes=temp, repeats=repeats)
-        if impl == "jax_bptt" and mode.startswith("fast"):
-            record["unroll"] = int(mode[6:]) if mode.startswith("fast_u") else 1
-            if mode == "fast_default":
-                record["unroll"] = resolve_unroll(None)
-        if mode == "checkpointed":
-            record["unroll"] = resolve_unroll(None)
-            record["segment_length"] = int(np.ceil(np.sqrt(steps)))
+        if options is not None:  # what the options resolved to on this problem
+            resolved = resolve_options(
+                options, get_cell(cell_name), (steps, batch, features), hidden, jnp.float32
+            )
+            record["options"] = resolved._asdict()
+            if mode.startswith("fast"):
+                record["unroll"] = resolved.unroll
+            if mode == "checkpointed":
+                record.update(unroll=resolved.unroll, segment_length=resolved.segment_length)
         records.append(record)
     return with_best_unroll(records)
 
@@ -529,7 +522,7 @@ def make_header(device: str, vers: dict, threads: str, repeats, long_repeats) ->
             "after warm-up. ms = wall time, cpu ms = this process's CPU time.",
             "Baseline and candidates run interleaved in the same process; the machine may be "
             "shared with other jobs, so absolute times are noisy, ratios less so.",
-            f"default unroll on this platform: {resolve_unroll(None)}; checkpointed segment "
+            f"default unroll on this platform: {default_unroll()}; checkpointed segment "
             "length ceil(sqrt(T)).",
         ]
     )
@@ -554,22 +547,19 @@ def full_report(records, args) -> str:
     return "\n".join(line.rstrip() for line in text.split("\n"))
 
 
-def write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small CPU grid")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20)")
-    parser.add_argument("--long-repeats", type=int, default=None, help="rounds for the long row")
-    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
-    parser.add_argument("--unrolls", nargs="+", type=int, default=list(UNROLLS))
+    parser.add_argument("--repeats", type=POSITIVE, default=20, help="timed rounds")
     parser.add_argument(
-        "--sizes", nargs="+", default=None, help="override the grid: B,H,T,D points, e.g. 8,32,64,4"
+        "--long-repeats", type=POSITIVE, default=None, help="rounds for the long row"
     )
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--unrolls", nargs="+", type=POSITIVE, default=list(UNROLLS))
+    parser.add_argument(
+        "--sizes", nargs="+", type=int_list(1, length=4), default=None,
+        help="override the grid: B,H,T,D points, e.g. 8,32,64,4",
+    )  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and Flax")
     parser.add_argument("--no-long", action="store_true", help="skip the T=16384 row")
     parser.add_argument("--no-grid", action="store_true", help="only the T=16384 row")
@@ -577,22 +567,30 @@ def main(argv=None):
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch device"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for XLA and torch (default: theirs)"
-    )
+        "--threads", type=POSITIVE, default=None,
+        help="CPU threads for XLA (set before JAX starts: from the command line only) and torch",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write one record per measurement here")
     parser.add_argument("--txt", default=None, help="write the printed report here")
     parser.add_argument(
         "--render", default=None, help="only print (and --txt) the report of a saved --json"
     )
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 20
     if args.long_repeats is None:
         args.long_repeats = 7 if args.quick else 20
-
     if args.render:
-        with open(args.render) as f:
-            records = with_best_unroll(json.load(f))
+        try:
+            with open(args.render, encoding="utf-8") as f:
+                args.records = json.load(f)
+        except (OSError, ValueError) as err:
+            parser.error(f"--render: cannot read {args.render}: {err}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.render:
+        records = with_best_unroll(args.records)
         report = full_report(records, args)
         print(report)
         if args.txt:
@@ -601,7 +599,9 @@ def main(argv=None):
             write_text(args.json, json.dumps(records, indent=1))
         return records
 
-    device, vers = jax_device(), versions()
+    if args.threads is not None:
+        set_cpu_threads(args.threads)
+    device, vers = device_name(), versions(PACKAGES)
     threads = f"XLA threads {args.threads or 'default'}"
     try:
         import torch
@@ -615,7 +615,7 @@ def main(argv=None):
     print(header, flush=True)
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.sizes:
-        grid = [tuple(int(v) for v in size.split(",")) for size in args.sizes]
+        grid = args.sizes
     records = []
     modes = ("auto", "auto_hoisted", "manual", "fast", "fast_one_chunk", "checkpointed")
     modes += ("gemm_floor",)

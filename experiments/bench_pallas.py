@@ -6,8 +6,9 @@ Three measurements per (cell, B, H, T, D), float32, all candidates interleaved i
               ``pallas_scan_states`` variants, and torch cuDNN's forward (``nn.RNN``/``LSTM``/
               ``GRU`` under ``no_grad``, input projection included); also us per step
   backward    the delta recurrence: ``backward_deltas`` (XLA) vs ``pallas_backward_deltas``
-  gradients   a full training step: ``bptt_fast(backend=...)`` (readout, MSE, both
-              recurrences and the weight GEMMs) vs torch cuDNN forward + backward
+  gradients   a full training step: ``bptt(mode="fast", options=ScanOptions(backend=...))``
+              (readout, MSE, both recurrences and the weight GEMMs) vs torch cuDNN forward +
+              backward
 
 Pallas variants: ``pallas`` (IEEE float32 dots), ``pallas_tf32`` (TF32 dots), ``pallas_bf16w``
 (W_hh stored in bfloat16, float32 accumulation). A variant that fails to compile (e.g. W_hh
@@ -27,23 +28,22 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
-from bench import interleaved_medians, jax_device, jax_inputs, torch_peer, versions
+from bench import PACKAGES, interleaved_medians, jax_inputs, torch_peer
+from common import POSITIVE, Parser, device_name, versions, write_text
 from jax import lax
 
-from jax_bptt import get_cell
-from jax_bptt.bptt import backward_deltas
+from jax_bptt import ScanOptions, bptt, get_cell
+from jax_bptt.backends import Backend, backend_names, register_backend
 from jax_bptt.cells import project_inputs
 from jax_bptt.check import relative_error
-from jax_bptt.fast import BACKENDS, bptt_fast, register_backend
-from jax_bptt.pallas_rnn import choose_backend, fits_on_chip, make_pallas_backend
-from jax_bptt.unroll import scan_states
+from jax_bptt.pallas_rnn import fits_on_chip, make_pallas_backend, preferred_backend
+from jax_bptt.scan import backward_deltas, scan_states
 
 POINTS = [(256, 128, 256, 32), (16, 256, 4096, 64)]  # (B, H, T, D)
 TINY_POINTS = [(4, 8, 6, 3)]
@@ -59,15 +59,21 @@ PALLAS_VARIANTS = {
 
 
 def register_pallas_variants(interpret: bool | None) -> dict:
-    """Register each variant as a ``jax_bptt.fast`` backend; returns name -> PallasBackend."""
+    """Register each variant as a ``ScanOptions`` backend (the built-in ``"pallas"`` is already
+    one); returns name -> PallasBackend."""
     out = {}
     for name, options in PALLAS_VARIANTS.items():
         # d_states (per-step dL/d state, for diagnostics) is not needed for gradients
         backend = make_pallas_backend(interpret=interpret, with_d_states=False, **options)
-        if name not in BACKENDS:
-            register_backend(name, backend.scan_states, backend.backward_deltas, {"gpu": 1})
+        if name not in backend_names():
+            register_backend(name, Backend(backend.scan_states, backend.backward_deltas))
         out[name] = backend
     return out
+
+
+def fast_grads(params, h0, xs, ys, *, cell, options):
+    """``bptt(mode="fast")`` of the benchmark's one-layer model from the state ``h0``."""
+    return bptt(params, xs, ys, cell=cell, mode="fast", h0=[{"fwd": h0}], options=options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,9 +84,9 @@ def recurrence_candidates(cell_name, size, pallas: dict):
     """``{"forward": {name: (fn, args)}, "backward": {...}}`` on one problem."""
     cell = get_cell(cell_name)
     params, h0, xs, _ = jax_inputs(cell_name, *size)
-    p = params["cell"]
+    p = params["layers"][0]["fwd"]
     xp = project_inputs(p, xs)
-    _, (states, residuals) = jax.jit(lambda: scan_states(cell, p, xp, h0))()
+    _, (states, saved) = jax.jit(lambda: scan_states(cell, p, xp, h0))()
     d_hs = jax.random.normal(jax.random.key(3), cell.hidden(states).shape)
     d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
 
@@ -93,17 +99,15 @@ def recurrence_candidates(cell_name, size, pallas: dict):
         return jax.jit(lambda p, xp, h0: impl(cell, p, xp, h0, None, False, unroll))
 
     def backward(impl, unroll):  # d_h0, d_xp, d_hp only: what the gradients need
-        return jax.jit(
-            lambda p, h0, s, r, d_hs, d_f: impl(cell, p, h0, None, s, r, d_hs, d_f, unroll=unroll)[
-                :3
-            ]
-        )
+        def deltas(p, h0, s, r, d_hs, d_f):
+            return impl(cell, p, h0, None, s, r, d_hs, d_f, reverse=False, unroll=unroll)[:3]
+
+        return jax.jit(deltas)
 
     return {
         "forward": {n: (forward(*i), (p, xp, h0)) for n, i in fwd_impls.items()},
         "backward": {
-            n: (backward(*i), (p, h0, states, residuals, d_hs, d_final))
-            for n, i in bwd_impls.items()
+            n: (backward(*i), (p, h0, states, saved, d_hs, d_final)) for n, i in bwd_impls.items()
         },
     }
 
@@ -112,36 +116,12 @@ def gradient_candidates(cell_name, size, pallas: dict):
     args = jax_inputs(cell_name, *size)
 
     def step(backend, unroll):
-        return jax.jit(
-            lambda p, h0, xs, ys: bptt_fast(
-                p, xs, ys, cell=cell_name, h0=h0, unroll=unroll, backend=backend
-            )
-        )
+        options = ScanOptions(unroll=unroll, backend=backend)
+        return jax.jit(functools.partial(fast_grads, cell=cell_name, options=options))
 
     out = {f"xla_u{k}": (step("xla", k), args) for k in XLA_UNROLLS}
     out.update({name: (step(name, 1), args) for name in pallas})
     return out
-
-
-def torch_forward_peer(cell_name, batch, hidden, steps, features, device):
-    """cuDNN's forward alone (``no_grad``), the input projection included."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    rnn_cls = {"elman_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
-    rnn = rnn_cls(features, hidden).to(device)
-    xs = torch.randn(steps, batch, features, device=device)
-
-    def run():
-        with torch.no_grad():
-            rnn(xs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    return f"torch ({device}{', cuDNN' if device == 'cuda' else ''})", run
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,10 +166,12 @@ def accuracy(cell_name, size, pallas: dict) -> list[dict]:
     with jax.enable_x64(True):
         to64 = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), tree)  # noqa: E731
         p64, h64, xs64, ys64 = to64(params), to64(h0), to64(xs), to64(ys)
-        ref_states = scan_states(cell, p64["cell"], project_inputs(p64["cell"], xs64), h64)[1][0]
-        ref_grads = bptt_fast(p64, xs64, ys64, cell=cell_name, h0=h64, unroll=1)
+        c64 = p64["layers"][0]["fwd"]
+        ref_states = scan_states(cell, c64, project_inputs(c64, xs64), h64)[1][0]
+        ref_grads = fast_grads(p64, h64, xs64, ys64, cell=cell_name, options=ScanOptions(unroll=1))
         ref_states, ref_grads = jax.device_get((ref_states, ref_grads))
-    xp = project_inputs(params["cell"], xs)
+    cell_params = params["layers"][0]["fwd"]
+    xp = project_inputs(cell_params, xs)
     impls = {"xla": scan_states, **{name: b.scan_states for name, b in pallas.items()}}
     records = []
     for name, impl in impls.items():
@@ -197,12 +179,10 @@ def accuracy(cell_name, size, pallas: dict) -> list[dict]:
         record.update(D=size[3], candidate=name)
         try:
             states = jax.jit(lambda p, xp, h0, impl=impl: impl(cell, p, xp, h0)[1][0])(
-                params["cell"], xp, h0
+                cell_params, xp, h0
             )
-            grads = bptt_fast(
-                params, xs, ys, cell=cell_name, h0=h0, unroll=1,
-                backend="xla" if name == "xla" else name,
-            )  # fmt: skip
+            options = ScanOptions(unroll=1, backend=name)
+            grads = fast_grads(params, h0, xs, ys, cell=cell_name, options=options)
         except Exception as error:  # noqa: BLE001
             records.append({**record, "error": f"{type(error).__name__}: {str(error)[:160]}"})
             continue
@@ -255,11 +235,11 @@ def table(records) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke size (interpret mode)")
     parser.add_argument("--crossover", action="store_true", help="add the H sweep")
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20)")
+    parser.add_argument("--repeats", type=POSITIVE, default=None, help="timed rounds (default 20)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--json", default=None, help="write one record per measurement here")
     parser.add_argument("--txt", default=None, help="write the printed report here")
@@ -267,7 +247,7 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.tiny else 20)
     points = TINY_POINTS if args.tiny else POINTS
 
-    device, vers = jax_device(), versions()
+    device, vers = device_name(), versions(PACKAGES)
     interpret = jax.default_backend() != "gpu"
     header = "\n".join(
         [
@@ -285,15 +265,16 @@ def main(argv=None):
         for cell in args.cells:
             g = get_cell(cell).num_gates
             note = (
-                f"# {cell} {size}: choose_backend -> "
-                f"{choose_backend(size[0], size[1], size[2], get_cell(cell), jnp.float32)}, "
+                f"# {cell} {size}: preferred_backend -> "
+                f"{preferred_backend(size[0], size[1], size[2], get_cell(cell), jnp.float32)}, "
                 f"fits_on_chip fp32 {fits_on_chip(size[1], g, jnp.float32)}, "
                 f"bf16 weights {fits_on_chip(size[1], g, jnp.float32, weight_dtype=jnp.bfloat16)}"
             )
             print(note, flush=True)
             got = []
             rec = recurrence_candidates(cell, size, pallas)
-            fwd_peer = torch_forward_peer(cell, *size, args.device)
+            fwd_peer = torch_peer(cell, *size, args.device, backward=False)
+            fwd_peer = None if fwd_peer is None else fwd_peer[:2]
             got += time_candidates("forward", cell, size, rec["forward"], fwd_peer, repeats)
             got += time_candidates("backward", cell, size, rec["backward"], None, repeats)
             peer = torch_peer(cell, *size, args.device)
@@ -317,13 +298,9 @@ def main(argv=None):
         r.update(device=device, versions=vers, interpret=interpret)
     print("\n" + "=" * 80 + "\n" + header + table(records))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        write_text(args.json, json.dumps(records, indent=1))
     if args.txt:
-        os.makedirs(os.path.dirname(os.path.abspath(args.txt)), exist_ok=True)
-        with open(args.txt, "w") as f:
-            f.write(header + table(records) + "\n")
+        write_text(args.txt, header + table(records) + "\n")
     return records
 
 

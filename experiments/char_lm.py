@@ -9,19 +9,26 @@ random windows from a zero state instead (full BPTT per window, any ``--bptt`` m
 Validation loss is the mean cross-entropy over the whole held-out tail of the text, read as
 ``eval_streams`` streams with the state carried from the first character, reported in nats and
 bits per character next to a bigram baseline. Samples are printed as training goes, the prompt
-in brackets followed by the sampled continuation.
+in brackets followed by the sampled continuation, and kept in ``samples.txt`` (one entry per
+evaluation, headed by its step; a resumed run drops the entries after its checkpoint, which it
+makes again).
 
-``--layers N`` stacks LSTMs (``jax_bptt.deep``; truncated BPTT then needs k1 == k2), with
-``--dropout p`` between them and ``--residual`` connections from the second layer on;
-``--devices N`` trains data-parallel (``jax_bptt.parallel``, the streams split over the devices).
-There is no ``--bidirectional``: a language model must not read the character it predicts. The
-default stays one layer: measured on the 2-core CPU, a 2-layer H=256 model reached 1.369
-nats/char after the same 1200 steps but took 2.7x the wall time (243 s against 91 s), and at
-91 s it was near 1.8 nats/char.
+``--layers N`` stacks LSTMs, with ``--dropout p`` between them and ``--residual`` connections
+from the second layer on; ``--unroll k`` sets the scan unroll; ``--devices N`` trains
+data-parallel (``jax_bptt.parallel``, the streams split over the devices). There is no
+``--bidirectional``: a language model must not read the character it predicts. The default
+stays one layer: measured on the 2-core CPU, a 2-layer H=256 model reached 1.369 nats/char after
+the same 1200 steps but took 2.7x the wall time (243 s against 91 s), and at 91 s it was near
+1.8 nats/char.
+
+Training stops after ``--max-minutes`` (then ``--resume`` continues it) and checkpoints every
+``--checkpoint-minutes`` (and every ``checkpoint_every`` steps), so a killed run loses little.
+``--sample --out RUN`` prints a sample from a trained run folder without training.
 
     python experiments/char_lm.py                     # default run: a few minutes on 2 CPU cores
     python experiments/char_lm.py --steps 6000 --hidden 384 --out runs/char_lm/long
     python experiments/char_lm.py --out runs/char_lm/long --resume   # continue a stopped run
+    python experiments/char_lm.py --out runs/char_lm/long --sample --temperature 0.5
 
 Outputs (``runs/char_lm/<time>/`` or ``--out``): ``config.json``, ``metrics.jsonl``,
 ``samples.txt``, ``summary.json``, ``loss_curve.png`` and the checkpoint.
@@ -29,52 +36,54 @@ Outputs (``runs/char_lm/<time>/`` or ``--out``): ``config.json``, ``metrics.json
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import (
     MODEL_DEFAULTS,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    Parser,
     add_common_args,
     add_model_args,
-    check_bptt,
-    check_cell,
-    check_optimizer,
+    add_optimizer_args,
+    config_from_args,
     describe_model,
     device_info,
-    eval_loss,
     fresh_dir,
-    init_params,
     make_run_dir,
     model_kwargs,
     parse_model_args,
     place_step,
     plot_curves,
     read_metrics,
-    sample,
+    scan_options,
     write_json,
 )
 
+import jax_bptt as jb
 from jax_bptt import tasks
-from jax_bptt.cells import get_cell
-from jax_bptt.checkpoints import has_checkpoint, read_metadata
-from jax_bptt.train import (
-    METRICS,
-    check_deep_options,
-    fit,
-    make_optimizer,
-    make_train_step,
-    run_signature,
-    zero_carry,
+from jax_bptt.checkpoints import (
+    atomic_write_bytes,
+    has_checkpoint,
+    load_checkpoint,
+    model_signature,
+    read_metadata,
 )
-from jax_bptt.truncated import check_truncation, window_bounds
+from jax_bptt.train import METRICS
+from jax_bptt.truncated import window_bounds
+
+LOSS = jb.Loss("cross_entropy")
 
 
 @dataclasses.dataclass
@@ -87,6 +96,7 @@ class Config:
     data: str = "stream"  # "stream" (truncated BPTT, state carried) or "windows"
     steps: int = 1200
     max_minutes: float | None = 4.0  # stop training early (then --resume) on a busy machine
+    checkpoint_minutes: float | None = 1.0  # and checkpoint this often
     optimizer: str = "adam"
     lr: float = 3e-3
     clip_norm: float | None = 1.0
@@ -108,6 +118,7 @@ class Config:
     dropout: float = 0.0  # between layers
     residual: bool | str = False  # or "except_first": layers 1.. add their input
     devices: int | None = None  # data-parallel devices (None: one device, no mesh)
+    unroll: int | None = None  # lax.scan unroll (None: the platform's default)
 
 
 QUICK = dict(
@@ -116,83 +127,11 @@ QUICK = dict(
 )  # fmt: skip
 QUICK_VAL_CHARS = 4000  # --quick validates on the first characters of the held-out text only
 
-
-def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser)
-    add_model_args(parser)
-    defaults = Config()
-    parser.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc topics)")
-    parser.add_argument("--cell", default=defaults.cell)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument(
-        "--k1",
-        type=int,
-        default=None,
-        help="steps per chunk (the part of a window that carries the loss)",
-    )
-    parser.add_argument("--k2", type=int, default=None, help="steps to backpropagate (>= k1)")
-    parser.add_argument("--data", choices=("stream", "windows"), default=defaults.data)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--optimizer", default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--clip-value", type=float, default=defaults.clip_value)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=defaults.max_minutes,
-        help="stop training after this many minutes even before --steps (0: no limit); "
-        "--resume continues a stopped run",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    args = parser.parse_args(argv)
-    overrides = dict(QUICK) if args.quick else {}
-    for name in ("hidden", "batch", "k1", "k2", "steps", "eval_every"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    config = dataclasses.replace(
-        defaults,
-        **overrides,
-        cell=check_cell(args.cell),
-        data=args.data,
-        optimizer=check_optimizer(args.optimizer),
-        lr=args.lr,
-        clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
-        clip_value=args.clip_value,
-        temperature=args.temperature,
-        max_minutes=args.max_minutes if args.max_minutes and args.max_minutes > 0 else None,
-        bptt=check_bptt(args.bptt or defaults.bptt),
-        seed=args.seed,
-        text=args.text,
-        forget_bias=defaults.forget_bias if args.cell == "lstm" else None,
-    )
-    if config.k2 is None:
-        config = dataclasses.replace(config, k2=config.k1)
-    options = parse_model_args(
-        args, batch=config.batch, bptt=config.bptt, defaults=model_options(defaults), causal=True
-    )
-    config = dataclasses.replace(config, **options)
-    deep = check_deep_options(**model_kwargs(options))
-    if deep and config.data == "stream" and config.k2 != config.k1:
-        raise SystemExit("error: truncated BPTT of a stacked model takes k1 == k2; drop --k2")
-    try:
-        check_truncation(config.k1, config.k2)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    if config.data == "windows" and config.k2 != config.k1:
-        raise SystemExit("error: --data windows trains full windows of k1 steps; drop --k2")
-    if args.resume and args.out is None:
-        raise SystemExit("error: --resume needs the --out folder of the run to continue")
-    return config, args
-
-
+# What a resumed run may change: how long and how often, not what it computes.
 RESUMABLE_CHANGES = {
     "steps",
     "max_minutes",
+    "checkpoint_minutes",
     "eval_every",
     "log_every",
     "checkpoint_every",
@@ -200,15 +139,135 @@ RESUMABLE_CHANGES = {
 }
 
 
+class Corpus(NamedTuple):
+    text: str
+    vocab: tasks.CharVocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+
+
 def model_options(config: Config) -> dict:
     return {name: getattr(config, name) for name in MODEL_DEFAULTS}
 
 
-def check_same_config(run_dir: Path, config: Config) -> None:
+def make_parser() -> Parser:
+    defaults = Config()
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, bptt_default=defaults.bptt)
+    add_model_args(parser)
+    add_optimizer_args(parser, lr=defaults.lr, clip_norm=defaults.clip_norm)
+    parser.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc topics)")
+    parser.add_argument("--cell", default=defaults.cell, choices=tuple(jb.CELLS))
+    parser.add_argument("--hidden", type=POSITIVE, default=None)
+    parser.add_argument("--batch", type=POSITIVE, default=None)
+    parser.add_argument(
+        "--k1", type=POSITIVE, default=None,
+        help="steps per chunk (the part of a window that carries the loss)",
+    )  # fmt: skip
+    parser.add_argument("--k2", type=POSITIVE, default=None, help="steps to backpropagate (>= k1)")
+    parser.add_argument("--data", choices=("stream", "windows"), default=defaults.data)
+    parser.add_argument("--steps", type=POSITIVE, default=None)
+    parser.add_argument("--clip-value", type=NON_NEGATIVE_FLOAT, default=0.0, help="0: none")
+    parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=defaults.temperature)
+    parser.add_argument("--eval-every", type=NON_NEGATIVE, default=None, help="0: at the end")
+    parser.add_argument(
+        "--max-minutes", type=NON_NEGATIVE_FLOAT, default=defaults.max_minutes,
+        help="stop training after this many minutes even before --steps (0: no limit); "
+        "--resume continues a stopped run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-minutes", type=NON_NEGATIVE_FLOAT, default=defaults.checkpoint_minutes,
+        help="also checkpoint every this many minutes (0: only every checkpoint_every steps and "
+        "at the end)",
+    )  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--sample", action="store_true",
+        help="print a sample from the trained run in --out (its checkpoint) and exit",
+    )  # fmt: skip
+    return parser
+
+
+def parse_args(argv=None) -> tuple[Config | None, object]:
+    """``(config, args)``; ``args.corpus`` holds the loaded text. Every bad flag, also a text
+    too short for the streams, exits with one line and code 2 before any work. With ``--sample``
+    the config is None (it comes from the run folder)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.sample:
+        if args.out is None:
+            parser.error("--sample needs --out, the folder of a trained run")
+        if not has_checkpoint(args.out):
+            parser.error(f"--sample: no checkpoint in {args.out} (train a run there first)")
+        return None, args
+    if args.resume and args.out is None:
+        parser.error("--resume needs the --out folder of the run to continue")
+    defaults = Config()
+    config = config_from_args(
+        defaults, args, quick=QUICK, flags=("hidden", "batch", "k1", "k2", "steps", "eval_every"),
+        cell=args.cell, data=args.data, clip_value=args.clip_value or None,
+        temperature=args.temperature, max_minutes=args.max_minutes or None,
+        checkpoint_minutes=args.checkpoint_minutes or None, text=args.text,
+        forget_bias=defaults.forget_bias if args.cell == "lstm" else None,
+    )  # fmt: skip
+    if config.k2 is None:
+        config = dataclasses.replace(config, k2=config.k1)
+    if args.bidirectional:
+        parser.error(
+            "--bidirectional does not apply here: a causal language model predicts the next "
+            "character, and a backward direction would read it from the future"
+        )
+    options = parse_model_args(parser, args, batch=config.batch)
+    config = dataclasses.replace(config, **options)
+    if config.k2 < config.k1:
+        parser.error(
+            f"--k2 (steps to backpropagate) must be >= --k1, got k1={config.k1}, k2={config.k2}"
+        )
+    if config.data == "windows" and config.k2 != config.k1:
+        parser.error("--data windows trains full windows of k1 steps; drop --k2")
+    args.corpus = load_corpus(parser, config, quick=args.quick)
+    if args.resume:
+        check_same_config(parser, Path(args.out), config)
+    return config, args
+
+
+def load_corpus(parser: Parser, config: Config, *, quick: bool) -> Corpus:
+    """The text, its vocabulary and splits; ``parser.error`` for a missing, empty, binary or
+    too short file."""
+    try:
+        text = tasks.load_corpus(config.text)
+    except (OSError, ValueError) as err:
+        parser.error(f"--text: {err}")
+    if "\x00" in text:
+        parser.error(f"--text: {config.text!r} looks binary (it holds NUL characters)")
+    vocab = tasks.build_vocab(text)
+    try:
+        train_ids, val_ids = tasks.split_train_val(vocab.encode(text), config.val_fraction)
+    except ValueError as err:
+        parser.error(f"--text: too short: {err}")
+    if quick:
+        val_ids = val_ids[:QUICK_VAL_CHARS]
+    stream_length = len(train_ids) // config.batch  # steps of each training stream
+    if config.data == "stream" and stream_length - 1 < max(config.k1, config.k2):
+        parser.error(
+            f"the training text ({len(train_ids)} characters) is too short for --batch "
+            f"{config.batch} streams with k1={config.k1}, k2={config.k2}"
+        )
+    if config.data == "windows" and len(train_ids) < config.k1 + 1:
+        parser.error(f"the training text ({len(train_ids)} characters) is shorter than k1 + 1")
+    if len(val_ids) // config.eval_streams < 2:
+        parser.error(
+            f"the validation text ({len(val_ids)} characters) is too short for "
+            f"{config.eval_streams} streams"
+        )
+    return Corpus(text, vocab, train_ids, val_ids)
+
+
+def check_same_config(parser: Parser, run_dir: Path, config: Config) -> None:
     """A resumed run must use the settings it started with (except how long it runs)."""
     path = run_dir / "config.json"
     if not path.is_file():
-        raise SystemExit(f"error: no char_lm run to resume in {run_dir} ({path.name} missing)")
+        parser.error(f"--resume: no char_lm run in {run_dir} ({path.name} missing)")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)["config"]
     # a run from before a setting existed ran with the setting's old default
@@ -220,9 +279,7 @@ def check_same_config(run_dir: Path, config: Config) -> None:
     }
     if changed:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise SystemExit(
-            f"error: --resume with different settings than the run in {run_dir}: {details}"
-        )
+        parser.error(f"--resume with different settings than the run in {run_dir}: {details}")
 
 
 def one_hot(ids, vocab_size: int) -> jax.Array:
@@ -231,7 +288,8 @@ def one_hot(ids, vocab_size: int) -> jax.Array:
 
 
 def make_batch_fn(config: Config, train_ids: np.ndarray, vocab_size: int, zero_state):
-    """``(key, step, carry) -> train_step kwargs`` for the chosen data layout."""
+    """``(key, step, carry) -> train_step kwargs`` for the chosen data layout, and the carry
+    before step 0."""
     if config.data == "windows":
         ids = jnp.asarray(train_ids)
 
@@ -244,11 +302,6 @@ def make_batch_fn(config: Config, train_ids: np.ndarray, vocab_size: int, zero_s
 
     stream = np.asarray(tasks.char_stream(train_ids, config.batch))  # (L, B)
     chunks_per_epoch = (stream.shape[0] - 1) // config.k1
-    if chunks_per_epoch < 1 or stream.shape[0] - 1 < config.k2:
-        raise SystemExit(
-            f"error: the training text is too short for batch={config.batch} streams with "
-            f"k1={config.k1}, k2={config.k2}"
-        )
 
     def next_window(key, step, carry):
         del key  # the stream is read in order; the epoch restarts every chunks_per_epoch steps
@@ -262,101 +315,140 @@ def make_batch_fn(config: Config, train_ids: np.ndarray, vocab_size: int, zero_s
     return next_window, zero_state
 
 
-def make_eval_fn(config, cell, val_ids, vocab, run_dir: Path, progress_write, evals_done=0):
+# --------------------------------------------------------------------------------------------
+# Samples
+
+
+# An entry's header; runs from before the step was recorded wrote "=== val ..." (kept on resume).
+SAMPLE_HEADER = re.compile(r"^=== (?:step (\d+): )?val ", re.MULTILINE)
+
+
+def sample_text(params, config: Config, vocab, key, temperature: float) -> str:
+    """``[prompt]continuation``: the prompt once, in brackets, then the sampled characters."""
+    prompt = config.prompt if set(config.prompt) <= set(vocab.chars) else vocab.chars[0]
+    tokens = jb.generate(
+        params, key, vocab.encode(prompt), config.sample_length,
+        cell=config.cell, residual=config.residual, temperature=temperature,
+    )  # fmt: skip
+    return f"[{prompt}]{vocab.decode(np.asarray(tokens))}"
+
+
+def truncate_samples(path: Path, last_step: int) -> int:
+    """Keep the entries of ``samples.txt`` up to ``last_step`` (a resumed run makes the later ones
+    again, as ``fit`` drops their metrics); return how many are kept."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    headers = list(SAMPLE_HEADER.finditer(text))
+    ends = [m.start() for m in headers[1:]] + [len(text)]
+    kept = [
+        text[m.start() : end]
+        for m, end in zip(headers, ends, strict=True)
+        if m.group(1) is None or int(m.group(1)) <= last_step
+    ]
+    atomic_write_bytes(path, "".join(kept).encode())
+    return len(kept)
+
+
+def make_eval_fn(config, corpus: Corpus, run_dir: Path, progress_write, steps_done, evals_done=0):
     """Validation loss over the whole held-out text, plus a printed sample.
 
-    Each evaluation samples with its own key, ``fold_in(key(seed + 1), evaluations so far)``:
-    one fixed key would start every sample with the same noise (with seed 0 the first draw
-    favours "T" so strongly that every sample of the default run continued "The " with "The").
+    ``steps_done()`` is the step the evaluation is at. Each evaluation samples with its own key,
+    ``fold_in(key(seed + 1), evaluations so far)``: one fixed key would start every sample with
+    the same noise (with seed 0 the first draw favours "T" so strongly that every sample of the
+    default run continued "The " with "The").
     """
-    stream = np.asarray(tasks.char_stream(val_ids, config.eval_streams))
+    vocab = corpus.vocab
+    stream = np.asarray(tasks.char_stream(corpus.val_ids, config.eval_streams))
     xs, ys = one_hot(stream[:-1], vocab.size), jnp.asarray(stream[1:])
-    residual = config.residual
-
-    @jax.jit
-    def val_loss(params, xs, ys):
-        return eval_loss(
-            params, xs, ys, cell=cell, loss="cross_entropy", placement="per_step", residual=residual
-        )
-
-    prompt = config.prompt if set(config.prompt) <= set(vocab.chars) else vocab.chars[0]
-    prompt_ids = vocab.encode(prompt)
+    model = model_kwargs(config.cell, model_options(config))
     sample_key = jax.random.key(config.seed + 1)
-    samples_path = run_dir / "samples.txt"
     count = [evals_done]
 
     def evaluate(params):
-        nats = float(val_loss(params, xs, ys))
+        nats = float(jb.model_loss(params, xs, ys, loss=LOSS, **model))
         key = jax.random.fold_in(sample_key, count[0])
         count[0] += 1
-        tokens = sample(
-            params,
-            key,
-            prompt_ids,
-            config.sample_length,
-            cell=cell,
-            temperature=config.temperature,
-            residual=residual,
-        )
-        # the prompt once, in brackets, then only the sampled continuation
-        text = f"[{prompt}]{vocab.decode(np.asarray(tokens))}"
+        text = sample_text(params, config, vocab, key, config.temperature)
         progress_write(f"--- val {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char ---")
         progress_write(text)
-        with open(samples_path, "a", encoding="utf-8") as f:
-            f.write(f"=== val {nats:.4f} nats/char ===\n{text}\n\n")
+        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {steps_done()}: val {nats:.4f} nats/char ===\n{text}\n\n")
         return {"val_nats": nats, "val_bits": nats / math.log(2)}
 
     return evaluate
 
 
-def evals_before_resume(run_dir: Path) -> int:
-    """Evaluations the run had made up to its checkpoint (fit drops the records after it)."""
-    if not has_checkpoint(run_dir) or not (run_dir / METRICS).is_file():
-        return 0
-    step = read_metadata(run_dir)["step"]
-    return sum(
-        1 for r in read_metrics(run_dir / METRICS) if r["kind"] == "eval" and r["step"] <= step
+def init_params(config: Config, vocab_size: int, key):
+    return jb.init_model(
+        key, config.cell, vocab_size, config.hidden, vocab_size,
+        num_layers=config.layers, forget_bias=config.forget_bias,
+    )  # fmt: skip
+
+
+def make_optimizer(config: Config):
+    return jb.make_optimizer(
+        config.optimizer, config.lr, clip_norm=config.clip_norm, clip_value=config.clip_value
     )
+
+
+def sample_run(args) -> dict:
+    """``--sample``: load the run's checkpoint (its config, vocabulary and params) and print a
+    sample; nothing is trained or written."""
+    saved = read_metadata(args.out)["config"]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{name: value for name, value in saved.items() if name in fields})
+    if "vocab" in saved:
+        vocab = tasks.CharVocab(saved["vocab"])
+    else:  # a run from before the vocabulary was saved: rebuild it from its corpus
+        vocab = tasks.build_vocab(tasks.load_corpus(config.text))
+    params = init_params(config, vocab.size, jax.random.key(0))  # the template: shapes only
+    carry = None
+    if config.data == "stream":
+        carry = jb.init_state(params, config.batch, cell=config.cell)
+    ckpt = load_checkpoint(
+        args.out,
+        params_template=params,
+        opt_state_template=make_optimizer(config).init(params),
+        signature=model_signature(params, config.cell, residual=config.residual),
+        carry_template=carry,
+    )
+    key = jax.random.fold_in(jax.random.key(args.seed), ckpt.step)
+    text = sample_text(ckpt.params, config, vocab, key, args.temperature)
+    print(f"sample from {args.out} at step {ckpt.step} (temperature {args.temperature}):")
+    print(text)
+    return {"run_dir": str(args.out), "step": ckpt.step, "sample": text}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
 
 
 def main(argv=None) -> dict:
     config, args = parse_args(argv)
+    if args.sample:
+        return sample_run(args)
     run_dir = make_run_dir("char_lm", args.out)
     if not args.resume:
         fresh_dir(run_dir)
     started = time.perf_counter()
 
-    text = tasks.load_corpus(config.text)
-    vocab = tasks.build_vocab(text)
-    ids = vocab.encode(text)
-    train_ids, val_ids = tasks.split_train_val(ids, config.val_fraction)
-    if args.quick:
-        val_ids = val_ids[:QUICK_VAL_CHARS]
+    corpus = args.corpus
+    vocab, train_ids, val_ids = corpus.vocab, corpus.train_ids, corpus.val_ids
     bigram = tasks.bigram_baseline_nats(train_ids, val_ids, vocab.size)
     unigram = tasks.unigram_baseline_nats(train_ids, val_ids, vocab.size)
 
-    key = jax.random.key(config.seed)
-    init_key, data_key = jax.random.split(key)
-    init_kw = {} if config.forget_bias is None else {"forget_bias": config.forget_bias}
+    init_key, data_key = jax.random.split(jax.random.key(config.seed))
     options = model_options(config)
-    params = init_params(
-        init_key, config.cell, vocab.size, config.hidden, vocab.size, options, **init_kw
-    )
-    cell = get_cell(config.cell)
-    zero_state = zero_carry(params, cell, config.batch)
-    optimizer = make_optimizer(
-        config.optimizer, config.lr, clip_norm=config.clip_norm, clip_value=config.clip_value
-    )
+    params = init_params(config, vocab.size, init_key)
+    zero_state = jb.init_state(params, config.batch, cell=config.cell)
+    optimizer = make_optimizer(config)
     truncation = (config.k1, config.k2) if config.data == "stream" else None
-    train_step = make_train_step(
-        optimizer,
-        cell=cell,
-        loss="cross_entropy",
-        mode=config.bptt,
-        truncation=truncation,
-        **model_kwargs(options),
-    )
-    train_step = place_step(train_step, options, placement="per_step")
+    train_step = jb.make_train_step(
+        optimizer, cell=config.cell, loss=LOSS, mode=config.bptt, options=scan_options(options),
+        truncation=truncation, dropout=config.dropout, residual=config.residual,
+    )  # fmt: skip
+    train_step = place_step(train_step, options, loss=LOSS)
     batch_fn, init_carry = make_batch_fn(config, train_ids, vocab.size, zero_state)
 
     from tqdm.auto import tqdm
@@ -372,7 +464,7 @@ def main(argv=None) -> dict:
             else {"k1": config.k1, "k2": config.k1, "state": "zero at every random window"}
         ),
         "corpus": config.text or "pydoc_data.topics",
-        "corpus_chars": len(text),
+        "corpus_chars": len(corpus.text),
         "vocab_size": vocab.size,
         "train_chars": int(train_ids.shape[0]),
         "val_chars": int(val_ids.shape[0]),
@@ -380,38 +472,43 @@ def main(argv=None) -> dict:
         "device": device_info(),
         "argv": sys.argv if argv is None else list(argv),
     }
+    start_step = 0
     if args.resume:
-        check_same_config(run_dir, config)
+        start_step = read_metadata(run_dir)["step"] if has_checkpoint(run_dir) else 0
     else:
         write_json(run_dir / "config.json", record)
+    evals_done = truncate_samples(run_dir / "samples.txt", start_step)
     print(
         f"char_lm: {config.cell} H={config.hidden}, {describe_model(options)}, {vocab.size} chars, "
         f"{train_ids.shape[0]} train / {val_ids.shape[0]} val; bigram baseline {bigram:.3f} "
         f"nats/char; bptt={config.bptt}, data={config.data}, k1={config.k1}, k2={config.k2}; "
         f"writing to {run_dir}"
     )
-    result = fit(
+    steps_done = [start_step]
+
+    def counted_batch_fn(key, step, carry):
+        steps_done[0] = step + 1  # the step an evaluation after this train step is at
+        return batch_fn(key, step, carry)
+
+    result = jb.fit(
         train_step,
         params,
         optimizer,
-        batch_fn,
+        counted_batch_fn,
         num_steps=config.steps,
         key=data_key,
         run_dir=run_dir,
-        signature=run_signature(params, cell, residual=config.residual),
-        config=dataclasses.asdict(config),
+        signature=model_signature(params, config.cell, residual=config.residual),
+        config={**dataclasses.asdict(config), "vocab": vocab.chars},
         init_carry=init_carry,
         eval_fn=make_eval_fn(
-            config,
-            cell,
-            val_ids,
-            vocab,
-            run_dir,
-            tqdm.write,
-            evals_done=evals_before_resume(run_dir) if args.resume else 0,
+            config, corpus, run_dir, tqdm.write, lambda: steps_done[0], evals_done=evals_done
         ),
         eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every,
+        checkpoint_every_s=None
+        if config.checkpoint_minutes is None
+        else 60.0 * config.checkpoint_minutes,
         log_every=config.log_every,
         resume=args.resume,
         progress=not args.no_progress,
@@ -440,8 +537,7 @@ def main(argv=None) -> dict:
         [
             {
                 "title": f"char_lm ({config.cell}, H={config.hidden}, L={config.layers}, "
-                f"bptt={config.bptt}, "
-                f"k1={config.k1}, k2={config.k2})",
+                f"bptt={config.bptt}, k1={config.k1}, k2={config.k2})",
                 "xlabel": "step",
                 "ylabel": "cross-entropy (nats/char)",
                 "series": {
@@ -453,13 +549,16 @@ def main(argv=None) -> dict:
         ],
     )
     if result.stopped_early:
-        print(
-            f"stopped at step {result.step} of {config.steps} by --max-minutes "
-            f"{config.max_minutes}; continue with --resume --out {run_dir}"
+        status = (
+            f"stopped by the time limit at step {result.step} of {config.steps} (--max-minutes "
+            f"{config.max_minutes}; continue with --resume --out {run_dir})"
         )
+    else:
+        status = f"done: {result.step} of {config.steps} steps"
     print(
-        f"final validation: {final['val_nats']:.4f} nats/char = {final['val_bits']:.4f} bits/char "
-        f"(bigram {bigram:.4f}); {summary['wall_time_s']:.0f} s; outputs in {run_dir}"
+        f"{status}; final validation {final['val_nats']:.4f} nats/char = "
+        f"{final['val_bits']:.4f} bits/char (bigram {bigram:.4f}); "
+        f"{summary['wall_time_s']:.0f} s; outputs in {run_dir}"
     )
     return summary
 

@@ -1,36 +1,28 @@
-"""Shared helpers for the experiment scripts: CLI flags, output folders, JSON, tables, plots, and
-the model options every training experiment shares (stacked/bidirectional layers, dropout,
-residual connections, data-parallel devices) with the init, evaluation and sampling that follow
-them."""
+"""Shared helpers for the experiment scripts: a command line whose errors are one line (exit
+code 2) with range-checked numbers, the model flags every training experiment shares, output
+folders, JSON, tables and plots.
+
+The model itself (init, loss, prediction, sampling) is the package's public API: ``init_model``,
+``model_loss``, ``predict``, ``generate``; nothing model-shaped lives here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import functools
+import importlib.metadata
 import json
+import math
 import os
 import platform
-import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from jax_bptt import deep_unroll, init_deep, init_model, modes, readout, unroll
-from jax_bptt.bptt import model_loss
-from jax_bptt.cells import CELLS, get_cell
+import jax_bptt as jb
 from jax_bptt.checkpoints import atomic_write_json
-from jax_bptt.deep import deep_model_loss
-from jax_bptt.generate import generate
-from jax_bptt.train import (
-    DEEP_BPTT_MODES,
-    OPTIMIZERS,
-    check_deep_options,
-    is_deep,
-    zero_carry,
-)
+from jax_bptt.train import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,30 +34,123 @@ MODELS = {
     "gru": ("gru", "uniform"),
 }
 
+# --------------------------------------------------------------------------------------------
+# Command line: one-line errors, range-checked numbers
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every experiment has: --quick, --out, --seed, --bptt, --no-progress."""
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line on stderr (``prog: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: an int ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """An argparse ``type``: a finite float in ``[low, high)`` (``low_open``: ``(low, high)``)."""
+    span = f"{'(' if low_open else '['}{low}, {high})"
+
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        if not ((low < value) if low_open else (low <= value)) or not value < high:
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
+POSITIVE_FLOAT = float_in(0.0, low_open=True)
+NON_NEGATIVE_FLOAT = float_in(0.0)
+
+
+def int_list(minimum: int = 1, *, length: int | None = None):
+    """An argparse ``type``: comma-separated ints, each ``>= minimum`` (exactly ``length`` of
+    them if given)."""
+    what = "comma-separated integers" if length is None else f"{length} comma-separated integers"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not values or (length is not None and len(values) != length):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"must be integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def choice_list(choices, what: str = "model"):
+    """An argparse ``type``: comma-separated names, each one of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        for name in names or ("",):
+            if name not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} {name!r}; choose from {sorted(choices)}"
+                )
+        return names
+
+    return parse
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, bptt_default: str) -> None:
+    """Flags every training experiment has: --quick, --out, --seed, --bptt, --no-progress."""
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/<experiment>/<time>)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--bptt",
-        default=None,
-        help=f"gradient implementation, one of jax_bptt.modes.BPTT_MODES {tuple(modes.BPTT_MODES)}",
-    )
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--bptt", default=bptt_default, choices=jb.BPTT_MODES)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_optimizer_args(parser: argparse.ArgumentParser, *, lr: float, clip_norm) -> None:
+    parser.add_argument("--optimizer", default="adam", choices=tuple(OPTIMIZERS))
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=lr, help="learning rate")
+    parser.add_argument(
+        "--clip-norm", type=NON_NEGATIVE_FLOAT, default=clip_norm, help="0: no clipping"
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Model-shape and device flags: --layers, --bidirectional, --dropout, --residual, --devices."""
-    parser.add_argument("--layers", type=int, default=None, help="stacked recurrent layers")
+    """Model-shape, scan and device flags: --layers, --bidirectional, --dropout, --residual,
+    --unroll, --devices."""
+    parser.add_argument("--layers", type=POSITIVE, default=None, help="stacked recurrent layers")
     parser.add_argument(
         "--bidirectional", action="store_true", help="a forward and a backward cell per layer"
     )
     parser.add_argument(
-        "--dropout", type=float, default=None, help="dropout between layers (needs --layers >= 2)"
+        "--dropout",
+        type=float_in(0.0, 1.0),
+        default=None,
+        help="dropout between layers (needs --layers >= 2)",
     )
     parser.add_argument(
         "--residual",
@@ -74,8 +159,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "input is the data, of another size)",
     )
     parser.add_argument(
+        "--unroll",
+        type=POSITIVE,
+        default=None,
+        help="time steps per lax.scan iteration (jax_bptt.ScanOptions(unroll=k)); default: the "
+        "platform's",
+    )
+    parser.add_argument(
         "--devices",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="train data-parallel over this many devices (jax_bptt.parallel; the batch must be a "
         "multiple); default: one device, no mesh",
@@ -89,108 +181,72 @@ MODEL_DEFAULTS = {
     "dropout": 0.0,
     "residual": False,
     "devices": None,
+    "unroll": None,
 }
 
 
-def parse_model_args(args, *, batch: int, bptt: str, defaults=None, causal: bool = False) -> dict:
-    """The validated model options ``{layers, bidirectional, dropout, residual, devices}``.
+def config_from_args(defaults, args, *, quick: dict, flags, **values):
+    """``defaults`` (an experiment's config dataclass) with, in this order, ``quick`` under
+    ``--quick``, the ``flags`` that were given (not None), the flags every training experiment
+    has (``--optimizer``, ``--lr``, ``--clip-norm`` (0: None), ``--bptt``, ``--seed``) and
+    ``values``."""
+    overrides = dict(quick) if args.quick else {}
+    overrides.update(
+        {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    )
+    shared = dict(
+        optimizer=args.optimizer, lr=args.lr, clip_norm=args.clip_norm or None, bptt=args.bptt,
+        seed=args.seed,
+    )  # fmt: skip
+    return dataclasses.replace(defaults, **{**overrides, **shared, **values})
 
-    ``bptt``: the run's gradient mode (a stacked model needs one of ``DEEP_BPTT_MODES``).
-    ``defaults``: the experiment's defaults for flags not given. ``residual`` is recorded as
-    ``"except_first"`` (``jax_bptt.deep``'s setting) or False. ``causal``: the model predicts the
-    next token, so a backward direction (which reads the future) is rejected.
+
+def parse_model_args(parser, args, *, batch: int) -> dict:
+    """The model options ``{layers, bidirectional, dropout, residual, devices, unroll}`` from
+    ``add_model_args``'s flags (``MODEL_DEFAULTS`` for those not given), ``parser.error`` on a
+    bad combination. ``residual`` is recorded as ``"except_first"`` (layer 0 reads the data, of
+    another size) or False.
     """
-    options = {**MODEL_DEFAULTS, **(defaults or {})}
-    if args.layers is not None:
-        options["layers"] = args.layers
-    if args.dropout is not None:
-        options["dropout"] = args.dropout
+    options = dict(MODEL_DEFAULTS)
+    for name in ("layers", "dropout", "devices", "unroll"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.bidirectional:
-        if causal:
-            raise SystemExit(
-                "error: --bidirectional does not apply here: a causal language model predicts "
-                "the next character, and a backward direction would read it from the future"
-            )
         options["bidirectional"] = True
     if args.residual:
         options["residual"] = "except_first"
-    if args.devices is not None:
-        options["devices"] = args.devices
-    if options["layers"] < 1:
-        raise SystemExit(f"error: --layers must be >= 1, got {options['layers']}")
-    if not 0.0 <= options["dropout"] < 1.0:
-        raise SystemExit(f"error: --dropout must be in [0, 1), got {options['dropout']}")
     if options["layers"] == 1 and options["dropout"] > 0:
-        raise SystemExit("error: --dropout acts between stacked layers: it needs --layers >= 2")
+        parser.error("--dropout acts between stacked layers: it needs --layers >= 2")
     if options["layers"] == 1 and options["residual"]:
-        raise SystemExit(
-            "error: --residual adds a layer's input to its output from the second layer on: it "
-            "needs --layers >= 2"
-        )
-    if check_deep_options(**model_kwargs(options)) and bptt not in DEEP_BPTT_MODES:
-        raise SystemExit(
-            f"error: --bptt {bptt} has no stacked/bidirectional implementation; use one of "
-            f"{tuple(DEEP_BPTT_MODES)} with --layers/--bidirectional/--residual"
+        parser.error(
+            "--residual adds a layer's input to its output from the second layer on: it needs "
+            "--layers >= 2"
         )
     devices = options["devices"]
     if devices is not None:
-        if devices < 1:
-            raise SystemExit(f"error: --devices must be >= 1, got {devices}")
         if batch % devices:
-            raise SystemExit(
-                f"error: the batch ({batch}) must be a multiple of --devices {devices}: each "
-                "device trains on an equal share of it"
+            parser.error(
+                f"the batch ({batch}) must be a multiple of --devices {devices}: each device "
+                "trains on an equal share of it"
             )
         if devices > jax.device_count():
-            raise SystemExit(
-                f"error: --devices {devices} but JAX sees {jax.device_count()} device(s) "
+            parser.error(
+                f"--devices {devices} but JAX sees {jax.device_count()} device(s) "
                 f"({jax.default_backend()}); on a CPU, XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={devices} splits it into {devices}"
             )
     return options
 
 
-def parse_sweep_args(argv, *, description: str, defaults, quick: dict, sizes: str, sizes_help: str):
-    """The command line shared by the model sweeps (adding problem, copy memory).
+def scan_options(options: dict) -> jb.ScanOptions:
+    """``--unroll k`` as ``jax_bptt.ScanOptions(unroll=k)`` (None: the platform's default)."""
+    return jb.ScanOptions(unroll=options.get("unroll"))
 
-    ``defaults`` is the experiment's config dataclass instance; ``sizes`` names its field of
-    swept sequence lengths (``"lengths"``, ``"delays"``), exposed as ``--<sizes>``. Returns
-    ``(config, args)``, ``config`` being ``defaults`` with the flags (and ``quick`` under
-    ``--quick``) applied.
-    """
-    parser = argparse.ArgumentParser(description=description)
-    add_common_args(parser)
-    add_model_args(parser)
-    parser.add_argument("--models", default=",".join(defaults.models), help="tanh,irnn,lstm,gru")
-    parser.add_argument(f"--{sizes}", default=None, help=sizes_help)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--optimizer", default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--lr-irnn", type=float, default=dict(defaults.lr_overrides)["irnn"])
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--eval-every", type=int, default=None)
-    args = parser.parse_args(argv)
-    overrides = dict(quick) if args.quick else {}
-    if getattr(args, sizes) is not None:
-        overrides[sizes] = tuple(parse_ints(f"--{sizes}", getattr(args, sizes)))
-    for name in ("steps", "batch", "hidden", "eval_every"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    config = dataclasses.replace(
-        defaults,
-        **overrides,
-        models=tuple(parse_models(args.models)),
-        optimizer=check_optimizer(args.optimizer),
-        lr=args.lr,
-        lr_overrides=(("irnn", args.lr_irnn),),
-        clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
-        bptt=check_bptt(args.bptt or defaults.bptt),
-        seed=args.seed,
-    )
-    options = parse_model_args(args, batch=config.batch, bptt=config.bptt)
-    return dataclasses.replace(config, **options), args
+
+def model_kwargs(cell: str, options: dict) -> dict:
+    """``cell``, ``residual`` and ``options`` (``ScanOptions``) of a run's model, as
+    ``jax_bptt.model_loss`` and ``jax_bptt.predict`` take them."""
+    return {"cell": cell, "residual": options["residual"], "options": scan_options(options)}
 
 
 def describe_model(options: dict) -> str:
@@ -203,169 +259,25 @@ def describe_model(options: dict) -> str:
         parts.append(f"dropout {options['dropout']}")
     if options["residual"]:
         parts.append(f"residual ({options['residual']})")
+    if options.get("unroll"):
+        parts.append(f"scan unroll {options['unroll']}")
     if options["devices"] is not None:
         parts.append(f"{options['devices']} device(s) data-parallel")
     return ", ".join(parts)
 
 
-def model_kwargs(options: dict) -> dict:
-    """``make_train_step``'s keyword arguments for the options of ``parse_model_args``."""
-    return {
-        "num_layers": options["layers"],
-        "bidirectional": options["bidirectional"],
-        "dropout": options["dropout"],
-        "residual": options["residual"],
-    }
-
-
-def init_params(
-    key, cell: str, input_size: int, hidden: int, output_size: int, options: dict, **init_kw
-):
-    """``init_model`` params, or ``init_deep`` params when the options ask for a deep model."""
-    kwargs = model_kwargs(options)
-    if not check_deep_options(**kwargs):
-        return init_model(key, cell, input_size, hidden, output_size, **init_kw)
-    return init_deep(
-        key,
-        cell,
-        input_size,
-        hidden,
-        output_size,
-        num_layers=kwargs["num_layers"],
-        bidirectional=kwargs["bidirectional"],
-        **init_kw,
-    )
-
-
-def place_step(train_step, options: dict, *, placement: str):
+def place_step(train_step, options: dict, *, loss: jb.Loss):
     """``train_step`` as it is, or data-parallel over ``options["devices"]`` devices
     (``jax_bptt.parallel.data_parallel_step``)."""
     if options["devices"] is None:
         return train_step
     from jax_bptt.parallel import data_parallel_step, make_mesh
 
-    return data_parallel_step(train_step, make_mesh(options["devices"]), placement=placement)
+    return data_parallel_step(train_step, make_mesh(options["devices"]), placement=loss.placement)
 
 
-def predict(params, xs, *, cell, residual=False):
-    """Per-step readout ``(t b o)`` of either params layout, from a zero state."""
-    if is_deep(params):
-        outputs, _ = deep_unroll(cell, params, xs, residual=residual)
-    else:
-        outputs, _ = unroll(cell, params["cell"], xs)
-    return readout(params["readout"], outputs)
-
-
-def eval_loss(params, xs, targets, *, cell, loss: str, placement: str, residual=False):
-    """The training loss (``reduction="mean"``) of either params layout on a batch ``xs (t b
-    d)``, from a zero state and without dropout; jit-compatible."""
-    cell = get_cell(cell)
-    h0 = zero_carry(params, cell, xs.shape[1])
-    if not is_deep(params):
-        return model_loss(
-            params,
-            h0,
-            xs,
-            targets,
-            None,
-            cell=cell,
-            loss=loss,
-            placement=placement,
-            reduction="mean",
-        )
-    return deep_model_loss(
-        params,
-        h0,
-        xs,
-        targets,
-        None,
-        None,
-        cell=cell,
-        loss=loss,
-        placement=placement,
-        reduction="mean",
-        residual=residual,
-    )
-
-
-def sample(params, key, prompt_ids, length: int, *, cell, temperature: float, residual=False):
-    """``length`` token ids continuing ``prompt_ids`` (``jax_bptt.generate.generate``; for deep
-    unidirectional params the same sampler over the whole stack, ``sample_deep``)."""
-    if not is_deep(params):
-        return generate(params, key, prompt_ids, length, cell=cell, temperature=temperature)
-    return sample_deep(
-        params,
-        key,
-        jnp.asarray(prompt_ids, jnp.int32),
-        cell=get_cell(cell),
-        length=length,
-        temperature=float(temperature),
-        residual=residual,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("cell", "length", "temperature", "residual"))
-def sample_deep(params, key, prompt, *, cell, length: int, temperature: float, residual=False):
-    """``generate``'s sampler for ``init_deep`` params (unidirectional: a sampler cannot read the
-    future): the prompt runs through ``deep_unroll``, then each sampled token is fed back one-hot
-    for one ``deep_unroll`` step of the whole stack, carrying every layer's state. No dropout."""
-    if "bwd" in params["layers"][0]:
-        raise ValueError("sampling needs a unidirectional model; params are bidirectional")
-    vocab_size = params["readout"]["W_hy"].shape[-1]
-    dtype = params["readout"]["W_hy"].dtype
-    outputs, states = deep_unroll(
-        cell, params, jax.nn.one_hot(prompt, vocab_size, dtype=dtype), residual=residual
-    )
-    logits = readout(params["readout"], outputs[-1])
-
-    def sample_step(carry, step_key):
-        states, logits = carry
-        if temperature == 0:
-            token = jnp.argmax(logits).astype(jnp.int32)
-        else:
-            token = jax.random.categorical(step_key, logits / temperature).astype(jnp.int32)
-        x = jax.nn.one_hot(token, vocab_size, dtype=dtype)[None]  # (1 v): one unbatched step
-        outputs, states = deep_unroll(cell, params, x, h0=states, residual=residual)
-        return (states, readout(params["readout"], outputs[0])), token
-
-    _, tokens = jax.lax.scan(sample_step, (states, logits), jax.random.split(key, length))
-    return tokens
-
-
-def check_name(kind: str, value: str, choices) -> str:
-    """Exit with a clear message when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise SystemExit(f"error: unknown {kind} {value!r}; choose one of {sorted(choices)}")
-    return value
-
-
-def check_bptt(mode: str) -> str:
-    return check_name("--bptt mode", mode, tuple(modes.BPTT_MODES))
-
-
-def check_cell(cell: str) -> str:
-    return check_name("cell", cell, CELLS)
-
-
-def check_optimizer(name: str) -> str:
-    return check_name("optimizer", name, OPTIMIZERS)
-
-
-def parse_models(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        check_name("model", name, MODELS)
-    return names
-
-
-def parse_ints(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise SystemExit(f"error: {flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"error: {flag} must be positive integers, got {text!r}")
-    return values
+# --------------------------------------------------------------------------------------------
+# Output folders, records, tables, plots
 
 
 def make_run_dir(experiment: str, out: Path | None) -> Path:
@@ -384,28 +296,61 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def device_info() -> dict:
-    """The CPU model (or accelerator) and library versions, recorded next to every result."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import optax
+    return platform.processor() or platform.machine()
 
+
+def device_name() -> str:
+    """E.g. ``"cpu: AMD EPYC 7B13 (2 logical cores)"`` or ``"gpu: NVIDIA H200"``."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)"
+    return f"{device.platform}: {device.device_kind}"
+
+
+def versions(packages=("jax", "jaxlib", "numpy", "optax")) -> dict:
+    """Python's version and those of the installed ``packages``."""
+    out = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_info() -> dict:
+    """The CPU model (or accelerator) and library versions, recorded next to every result."""
     return {
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "optax": optax.__version__,
+        **versions(("jax", "optax")),
     }
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Ask XLA's CPU client for ``threads`` threads; acts only before JAX starts its backend
+    (so from a script's command line, not after a computation in the same process)."""
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+        + f" intra_op_parallelism_threads={threads}"
+    )
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path``, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, obj) -> None:
@@ -413,7 +358,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` written by ``jax_bptt.train.fit``."""
+    """The records of a ``metrics.jsonl`` written by ``jax_bptt.fit``."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -427,12 +372,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(
-    path: Path,
-    panels: list[dict],
-    *,
-    title: str = "",
-) -> None:
+def plot_curves(path: Path, panels: list[dict], *, title: str = "") -> None:
     """Save a row of line plots to ``path`` (PNG).
 
     Each panel: ``{"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "hlines": {label:
@@ -464,90 +404,3 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def train_model(
-    *,
-    run_dir: Path,
-    model: str,
-    input_size: int,
-    output_size: int,
-    hidden: int,
-    loss: str,
-    placement: str,
-    batch_fn,
-    eval_fn,
-    steps: int,
-    optimizer: str,
-    lr: float,
-    clip_norm: float | None,
-    bptt: str,
-    seed: int,
-    eval_every: int,
-    options: dict | None = None,
-    log_every: int = 50,
-    progress: bool = True,
-    desc: str = "",
-) -> dict:
-    """Train one ``MODELS`` entry with ``jax_bptt.train.fit``; return its eval records.
-
-    ``batch_fn(key) -> (xs, targets)``; ``eval_fn(params) -> {name: float}``. ``options``: from
-    ``parse_model_args`` (default: one layer, one device). The run's metrics and final checkpoint
-    go to ``run_dir``.
-    """
-    import time
-
-    from jax_bptt.train import fit, make_optimizer, make_train_step, run_signature
-
-    options = {**MODEL_DEFAULTS, **(options or {})}
-    cell, recurrent_init = MODELS[model]
-    extra = {"forget_bias": 1.0} if cell == "lstm" else {}
-    params = init_params(
-        jax.random.key(seed),
-        cell,
-        input_size,
-        hidden,
-        output_size,
-        options,
-        recurrent_init=recurrent_init,
-        **extra,
-    )
-    opt = make_optimizer(optimizer, lr, clip_norm=clip_norm)
-    train_step = make_train_step(
-        opt, cell=cell, loss=loss, placement=placement, mode=bptt, **model_kwargs(options)
-    )
-    train_step = place_step(train_step, options, placement=placement)
-
-    def batch_kwargs(key, step, carry):
-        del step, carry
-        xs, targets = batch_fn(key)
-        return {"xs": xs, "targets": targets}
-
-    started = time.perf_counter()
-    result = fit(
-        train_step,
-        params,
-        opt,
-        batch_kwargs,
-        num_steps=steps,
-        key=jax.random.fold_in(jax.random.key(seed), 1),
-        run_dir=run_dir,
-        signature=run_signature(params, cell, residual=options["residual"]),
-        config={
-            "model": model,
-            "cell": cell,
-            "recurrent_init": recurrent_init,
-            "lr": lr,
-            **options,
-        },
-        eval_fn=eval_fn,
-        eval_every=eval_every,
-        log_every=log_every,
-        progress=progress,
-        desc=desc or model,
-    )
-    return {
-        "evals": [r for r in result.history if r["kind"] == "eval"],
-        "skipped": result.skipped,
-        "wall_s": time.perf_counter() - started,
-    }

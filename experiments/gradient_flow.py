@@ -17,10 +17,8 @@ Outputs under ``runs/gradient_flow/`` (or ``--out``): PNGs, ``summary.txt``, ``s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -29,17 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_bptt import bptt_manual, init_model
-from jax_bptt.diagnostics import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common, also when run by path
+from common import Parser, device_name, versions  # noqa: E402
+
+import jax_bptt as jb  # noqa: E402
+from jax_bptt.diagnostics import (  # noqa: E402
     gradient_flow,
     jacobian_norms,
     recurrent_spectrum,
     scale_recurrent,
     term_flow,
 )
-from jax_bptt.figures import Panel, heatmap_panels, line_panels, unrolled_network
-from jax_bptt.tasks import ADDING_BASELINE_MSE, adding_problem
+from jax_bptt.figures import Panel, heatmap_panels, line_panels, unrolled_network  # noqa: E402
+from jax_bptt.tasks import ADDING_BASELINE_MSE, adding_problem  # noqa: E402
 
+LAST_STEP_MSE = jb.Loss("mse", "last_step")  # the adding problem's loss
 SCALES = (0.5, 0.9, 1.0, 1.1, 1.5)
 
 FULL = dict(
@@ -52,38 +54,16 @@ QUICK = dict(
 )  # fmt: skip
 
 
-def device_name() -> str:
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return device.device_kind
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def versions() -> str:
-    import matplotlib
-
-    return (
-        f"python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
-        f"numpy {np.__version__}, matplotlib {matplotlib.__version__}"
-    )
-
-
 def to64(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
 
 def tanh_rnn(hidden: int, top_singular_value: float) -> dict:
     """float64 tanh RNN with ``W_hh = s * Q``, Q orthogonal (every singular value is s)."""
-    params = init_model(jax.random.key(0), "elman_tanh", 2, hidden, 1, recurrent_init="orthogonal")
-    params["cell"] = scale_recurrent("elman_tanh", params["cell"], top_singular_value)
-    return to64(params)
+    params = jb.init_model(
+        jax.random.key(0), "elman_tanh", 2, hidden, 1, recurrent_init="orthogonal"
+    )
+    return to64(scale_recurrent(params, top_singular_value, cell="elman_tanh"))
 
 
 def median_over_batch(norms) -> np.ndarray:
@@ -100,10 +80,11 @@ def by_distance(values_over_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def flow_curves(cell, params, xs, targets):
     """Medians over the batch of ``||dL/dh_t||`` and ``||dh_T/dh_t||``, and the per-step
     ``||h_{t-1}^T d hp_t||`` (step t's term of dW_hh), for a last-step MSE loss."""
-    flow = gradient_flow(params, xs, targets, cell=cell, loss="mse", placement="last_step")
+    flow = gradient_flow(params, xs, targets, cell=cell, loss=LAST_STEP_MSE)
     d_h = median_over_batch(jnp.linalg.norm(flow.d_hidden, axis=-1))
-    jac = median_over_batch(jacobian_norms(cell, params["cell"], xs))
-    w_hh_terms = np.asarray(jnp.linalg.norm(flow.steps["cell"]["W_hh"], axis=(-2, -1)))
+    jac = median_over_batch(jacobian_norms(params, xs, cell=cell))
+    step_terms = flow.steps["layers"][0]["fwd"]["W_hh"]  # (T, H, G*H): step t's term of dW_hh
+    w_hh_terms = np.asarray(jnp.linalg.norm(step_terms, axis=(-2, -1)))
     return d_h, jac, w_hh_terms
 
 
@@ -166,30 +147,24 @@ def tanh_sweep(cfg, out, summary):
 
 
 def train_adding(cell, cfg, key):
-    """A short Adam run on the adding problem with ``bptt_manual``; returns (params, mse)."""
+    """A short Adam run on the adding problem with manual BPTT; returns (params, mse)."""
     num_steps, batch = cfg["train_steps_len"], cfg["train_batch"]
-    params = init_model(key, cell, 2, cfg["hidden"], 1)
+    params = jb.init_model(key, cell, 2, cfg["hidden"], 1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3))
     opt_state = optimizer.init(params)
-
-    @jax.jit
-    def train_step(params, opt_state, key):
-        xs, targets = adding_problem(key, batch, num_steps)
-        grads = bptt_manual(params, xs, targets, cell=cell, loss="mse", placement="last_step")
-        updates, opt_state = optimizer.update(grads.params, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, grads.loss
-
+    train_step = jb.make_train_step(optimizer, cell=cell, loss=LAST_STEP_MSE, mode="manual")
     losses = []
     for k in jax.random.split(jax.random.fold_in(key, 1), cfg["train_iters"]):
-        params, opt_state, loss = train_step(params, opt_state, k)
-        losses.append(loss)
+        xs, targets = adding_problem(k, batch, num_steps)
+        params, opt_state, info = train_step(params, opt_state, xs, targets)
+        losses.append(info.loss)
     losses = np.asarray(jnp.stack(losses))
     return params, float(losses[-max(1, len(losses) // 20) :].mean())
 
 
 def eval_mse(cell, params, xs, targets) -> float:
     # gradient_flow's loss: the same compiled function as the diagnostics when shapes match.
-    flow = gradient_flow(params, xs, targets, cell=cell, loss="mse", placement="last_step")
+    flow = gradient_flow(params, xs, targets, cell=cell, loss=LAST_STEP_MSE)
     return float(flow.loss)
 
 
@@ -205,7 +180,7 @@ def gated_runs(cfg, out, summary):
     ]
     for cell in cfg["gated"]:
         start = time.perf_counter()
-        init = init_model(jax.random.key(3), cell, 2, cfg["hidden"], 1)
+        init = jb.init_model(jax.random.key(3), cell, 2, cfg["hidden"], 1)
         trained, train_mse = train_adding(cell, cfg, jax.random.key(3))
         seconds = time.perf_counter() - start
         trained_params[cell] = to64(trained)
@@ -219,11 +194,11 @@ def gated_runs(cfg, out, summary):
             if cfg["power_iters"]:
                 power = median_over_batch(
                     jacobian_norms(
-                        cell, params["cell"], xs, method="power", num_iters=cfg["power_iters"]
+                        params, xs, cell=cell, method="power", num_iters=cfg["power_iters"]
                     )
                 )
                 power_vs_exact = float(np.max(np.abs(power - jac) / jac))
-            spectrum = recurrent_spectrum(cell, params["cell"])
+            spectrum = recurrent_spectrum(params, cell=cell)
             far = w_hh_terms[: num_steps // 2].sum() / max(w_hh_terms.sum(), 1e-300)
             rows.append(
                 dict(
@@ -293,11 +268,11 @@ def term_heatmaps(cfg, out, summary, trained_lstm):
     xs = jax.random.normal(key_x, (num_steps, batch, 2), jnp.float64)
     targets = jax.random.normal(key_y, (num_steps, batch, 1), jnp.float64)
     models = {f"tanh, s = {s}": ("elman_tanh", tanh_rnn(hidden, s)) for s in (0.9, 1.5)}
-    models["lstm, init"] = ("lstm", to64(init_model(jax.random.key(3), "lstm", 2, hidden, 1)))
+    models["lstm, init"] = ("lstm", to64(jb.init_model(jax.random.key(3), "lstm", 2, hidden, 1)))
     models["lstm, trained (adding)"] = ("lstm", trained_lstm)
     matrices, rows = {}, []
     for name, (cell, params) in models.items():
-        flow = term_flow(params, xs, targets, cell=cell, reduction="sum")
+        flow = term_flow(params, xs, targets, cell=cell, loss=jb.Loss("mse", reduction="sum"))
         matrix = median_over_batch(jnp.linalg.norm(flow.d_hidden, axis=-1))  # (T, T+1)
         matrices[name] = matrix
         last = matrix[-1]
@@ -318,15 +293,21 @@ def term_heatmaps(cfg, out, summary, trained_lstm):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
     parser.add_argument("--out", default=os.path.join("runs", "gradient_flow"))
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a folder")
     jax.config.update("jax_enable_x64", True)
     cfg = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    summary = dict(device=device_name(), versions=versions(), quick=args.quick, config=cfg)
+    packages = ", ".join(
+        f"{name} {version}"
+        for name, version in versions(("jax", "optax", "numpy", "matplotlib")).items()
+    )
+    summary = dict(device=device_name(), versions=packages, quick=args.quick, config=cfg)
     lines = [f"device: {summary['device']}", f"versions: {summary['versions']}", ""]
     lines += tanh_sweep(cfg, args.out, summary) + [""]
     gated_lines, trained = gated_runs(cfg, args.out, summary)

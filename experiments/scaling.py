@@ -21,9 +21,9 @@ for ``--steps`` steps (``block_until_ready`` at the end) in the same order, so b
 candidates share the machine's noise; the figure is the median over rounds.
 
 Fake devices: ``--fake-cpu-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-before JAX is imported, so one CPU shows up as N devices. They share the CPU's cores: on a small
-machine the numbers measure the SPMD overhead (partitioning, collectives, per-device dispatch),
-not a speed-up; real scaling needs real devices (GPUs/TPUs, or hosts).
+before JAX starts its backend, so one CPU shows up as N devices. They share the CPU's cores: on a
+small machine the numbers measure the SPMD overhead (partitioning, collectives, per-device
+dispatch), not a speed-up; real scaling needs real devices (GPUs/TPUs, or hosts).
 
 Usage:
   python experiments/scaling.py --fake-cpu-devices 8 --tp \\
@@ -34,48 +34,35 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import re
+import statistics
+import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Parser,
+    device_info,
+    int_list,
+    markdown_table,
+    write_text,
+)
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-def _fake_devices_from_argv(argv) -> int | None:
-    """``--fake-cpu-devices N`` must act before JAX starts, i.e. before the imports below."""
-    for i, arg in enumerate(argv):
-        if arg == "--fake-cpu-devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--fake-cpu-devices="):
-            return int(arg.split("=", 1)[1])
-    return None
-
-
-FAKE_DEVICES = _fake_devices_from_argv(sys.argv) if __name__ == "__main__" else None
-if FAKE_DEVICES is not None:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FAKE_DEVICES}"
-    ).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from common import device_info, markdown_table  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from jax_bptt import init_model, modes, parallel  # noqa: E402
-from jax_bptt.check import relative_error  # noqa: E402
-from jax_bptt.train import make_optimizer, make_train_step  # noqa: E402
+from jax_bptt import BPTT_MODES, CELLS, init_model, make_optimizer, make_train_step, parallel
+from jax_bptt.check import relative_error
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 # Columns sharded by tensor parallelism: everything with a gate axis G*H.
 TP_PARAMS = {"W_xh": P(None, "model"), "W_hh": P(None, "model"), "b_h": P("model")}
+QUICK = dict(T=8, B=16, H=16, tp_hidden=32, per_device_batch=2, repeats=2, steps=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +112,7 @@ def tp_place(params, mesh):
     """Params with the gate axis of ``W_xh``, ``W_hh``, ``b_h`` split over ``"model"``."""
 
     def place(path, leaf):
-        spec = TP_PARAMS.get(path[-1].key, P()) if path[0].key == "cell" else P()
+        spec = TP_PARAMS.get(path[-1].key, P()) if path[0].key == "layers" else P()
         return jax.device_put(leaf, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(place, params)
@@ -263,53 +250,63 @@ def table(records: list[dict]) -> str:
     return markdown_table(headers, rows)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--fake-cpu-devices",
-        type=int,
-        default=None,
-        help="show the CPU as N devices (XLA_FLAGS, set before JAX starts)",
-    )
+        "--fake-cpu-devices", type=POSITIVE, default=None,
+        help="show the CPU as N devices (XLA_FLAGS, set before JAX starts: from the command line "
+        "only)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds (smoke run)")
-    parser.add_argument("--devices", default=None, help="device counts, e.g. 1,2,4,8 (default)")
-    parser.add_argument("--cell", default="lstm")
-    parser.add_argument("--bptt", default="manual", help=f"one of {tuple(modes.BPTT_MODES)}")
-    parser.add_argument("-T", type=int, default=32, help="sequence length")
-    parser.add_argument("-B", type=int, default=64, help="global batch (strong scaling)")
-    parser.add_argument("-D", type=int, default=16, help="inputs (= outputs)")
-    parser.add_argument("-H", type=int, default=128, help="hidden units")
-    parser.add_argument("--per-device-batch", type=int, default=8, help="weak scaling; 0: skip")
+    parser.add_argument(
+        "--devices", type=int_list(1), default=None, help="device counts, e.g. 1,2,4,8 (default)"
+    )
+    parser.add_argument("--cell", default="lstm", choices=tuple(CELLS))
+    parser.add_argument("--bptt", default="manual", choices=BPTT_MODES)
+    parser.add_argument("-T", type=POSITIVE, default=32, help="sequence length")
+    parser.add_argument("-B", type=POSITIVE, default=64, help="global batch (strong scaling)")
+    parser.add_argument("-D", type=POSITIVE, default=16, help="inputs (= outputs)")
+    parser.add_argument("-H", type=POSITIVE, default=128, help="hidden units")
+    parser.add_argument(
+        "--per-device-batch", type=NON_NEGATIVE, default=8, help="weak scaling; 0: skip"
+    )
     parser.add_argument("--tp", action="store_true", help="also time hidden-dim sharding")
-    parser.add_argument("--tp-hidden", type=int, default=512, help="H for the --tp rows")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10, help="train steps per timed round")
+    parser.add_argument("--tp-hidden", type=POSITIVE, default=512, help="H for the --tp rows")
+    parser.add_argument("--repeats", type=POSITIVE, default=7)
+    parser.add_argument("--steps", type=POSITIVE, default=10, help="train steps per timed round")
     parser.add_argument("--json", default=None, help="write the records here")
     parser.add_argument("--txt", default=None, help="write the printed report here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.T, args.B, args.H, args.tp_hidden, args.per_device_batch = 8, 16, 16, 32, 2
-        args.repeats, args.steps = 2, 2
-    if args.bptt not in modes.BPTT_MODES:
-        raise SystemExit(f"error: --bptt must be one of {tuple(modes.BPTT_MODES)}")
+        vars(args).update(QUICK)
+    if args.fake_cpu_devices is not None:  # before anything asks JAX for its devices
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.fake_cpu_devices}"
+        ).strip()
+        if "JAX_PLATFORMS" not in os.environ:
+            jax.config.update("jax_platforms", "cpu")
     available = jax.device_count()
     if args.devices is None:
-        counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= available]
-    else:
-        counts = [int(n) for n in args.devices.split(",")]
-    if max(counts) > available:
-        raise SystemExit(
-            f"error: --devices asks for {max(counts)} devices but JAX sees {available}; "
-            "on CPU pass --fake-cpu-devices N"
+        args.devices = [n for n in (1, 2, 4, 8, 16, 32) if n <= available]
+    if max(args.devices) > available:
+        parser.error(
+            f"--devices asks for {max(args.devices)} devices but JAX sees {available}; on CPU "
+            "pass --fake-cpu-devices N"
         )
-    for n in counts:
+    for n in args.devices:
         if args.B % n:
-            raise SystemExit(f"error: -B {args.B} must be divisible by every device count ({n})")
+            parser.error(f"-B {args.B} must be divisible by every device count ({n})")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    counts, available = args.devices, jax.device_count()
     info = device_info()
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     info["load_average_1min"] = os.getloadavg()[0]
-    fake = FAKE_DEVICES is not None and jax.default_backend() == "cpu"
+    fake = args.fake_cpu_devices is not None and jax.default_backend() == "cpu"
     note = (
         f"{available} fake CPU devices on {os.cpu_count()} cores share those cores: these numbers "
         "measure the SPMD overhead (partitioning, collectives, per-device dispatch), not a "
@@ -367,11 +364,10 @@ def main(argv=None):
         print(text, flush=True)
 
     if args.txt:
-        Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.txt).write_text("\n".join(lines), encoding="utf-8")
+        write_text(args.txt, "\n".join(lines))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        write_text(args.json, json.dumps(result, indent=1, default=str))
+    return result
 
 
 if __name__ == "__main__":
