@@ -80,9 +80,19 @@ def step(params, state, x, *, cell, residual=False):
     cell = get_cell(cell)
     shape = _check_streaming(params, cell, residual)
     x = jnp.asarray(x)
-    check_xs(x[None], shape)
-    batched = x.ndim == (1 if is_token_ids(x) else 2)
-    check_state(state, cell, shape, x.shape[0] if batched else 1, batched)
+    ids = is_token_ids(x)
+    features = () if ids else (shape.input_size,)
+    if x.shape[len(x.shape) - len(features) :] != features or x.ndim > len(features) + 1:
+        want = (
+            "(B,) or () token ids" if ids else f"(B, {shape.input_size}) or ({shape.input_size},)"
+        )
+        raise ValueError(f"x must have shape {want}, got {x.shape}")
+    check_xs(x[None], shape)  # dtype and id range
+    batched = x.ndim == len(features) + 1
+    try:
+        check_state(state, cell, shape, x.shape[0] if batched else 1, batched)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"state: {error}".replace("h0", "state")) from None
     return _jitted_step(params, state, x, cell=cell, residual=residual)
 
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_bptt.backends import check_options
+from jax_bptt.cells import get_cell
 from jax_bptt.checkpoints import (
     METADATA,
     atomic_write_bytes,
@@ -194,6 +195,7 @@ def make_train_step(
       >>> xs, ys = jnp.ones((5, 4, 2)), jnp.zeros((5, 4, 1))
       >>> params, opt_state, info = step(params, opt.init(params), xs, ys)
     """
+    cell = get_cell(cell)
     check_choice("mode", mode, BPTT_MODES)
     loss = check_loss(loss)
     options = check_options(options)
@@ -250,11 +252,12 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN/inf
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step``: a resumed run redoes those steps and logs them again."""
+def _truncate_metrics(path: Path, last_step: int) -> int | None:
+    """Drop records after ``last_step``: a resumed run redoes those steps and logs them again.
+    Returns the step of the last kept evaluation (so a finished run is not evaluated twice)."""
     if not path.exists():
-        return
-    kept = []
+        return None
+    kept, last_eval = [], None
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
@@ -262,7 +265,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
+            if record.get("kind") == "eval":
+                last_eval = record["step"]
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    return last_eval
 
 
 class _Restored(NamedTuple):
@@ -272,6 +278,7 @@ class _Restored(NamedTuple):
     step: int
     skipped: int
     key: jax.Array
+    last_eval: int | None = None  # the step of the last evaluation already logged
 
 
 def _start(run_dir: Path, resume: bool, params, opt_state, key, signature, init_carry) -> _Restored:
@@ -296,7 +303,7 @@ def _start(run_dir: Path, resume: bool, params, opt_state, key, signature, init_
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        _truncate_metrics(run_dir / METRICS, start.step)
+        start = start._replace(last_eval=_truncate_metrics(run_dir / METRICS, start.step))
     return start
 
 
@@ -422,7 +429,7 @@ def fit(
     window_losses, window_norms = [], []
     started = window_start = last_checkpoint = time.perf_counter()
     window_first = done = state.step
-    stopped_early, last_eval = False, None
+    stopped_early, last_eval = False, state.last_eval
     try:
         for step in range(state.step, num_steps):
             step_key = jax.random.fold_in(key, step)

@@ -313,6 +313,11 @@ def check_stack_options(shape: ModelShape, dropout, key, residual, token_ids=Fal
         raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1) (the probability of zeroing), got {dropout}")
+    if dropout > 0 and shape.num_layers == 1:
+        raise ValueError(
+            f"dropout={dropout} acts between stacked layers, so it needs num_layers >= 2, got a "
+            "model of 1 layer"
+        )
     if dropout > 0 and key is None:
         raise ValueError(
             f"dropout={dropout} needs a PRNG key for its masks: pass key=jax.random.key(...) "

@@ -1,9 +1,12 @@
-"""Train step, optimizers and clipping, NaN guard, checkpoints, exact resume, sampling; deep
-(stacked, bidirectional, dropout) models through the same step and fit loop."""
+"""Train step, optimizers and clipping, NaN guard, checkpoints, exact resume; deep (stacked,
+bidirectional, dropout) models through the same step and fit loop; fit's time-based checkpoints,
+resume records, stop records and plain progress lines."""
 
 import functools
 import json
 import os
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from jax_bptt import bptt_auto, init_deep, init_model, modes
-from jax_bptt.cells import get_cell, step
+from jax_bptt import BPTT_MODES, bptt_auto, init_model, unroll
+from jax_bptt import train as train_module
 from jax_bptt.check import relative_error
 from jax_bptt.checkpoints import (
     has_checkpoint,
@@ -21,18 +24,14 @@ from jax_bptt.checkpoints import (
     read_metadata,
     save_checkpoint,
 )
-from jax_bptt.deep import dropout_masks
-from jax_bptt.generate import generate
+from jax_bptt.generate import init_state
+from jax_bptt.model import dropout_masks
 from jax_bptt.train import (
-    DEEP_BPTT_MODES,
     DROPOUT_KEY_TAG,
     fit,
     make_optimizer,
     make_train_step,
-    run_signature,
-    zero_carry,
 )
-from jax_bptt.unroll import unroll
 
 TOL = 1e-10
 T, B, D, H, OUT = 6, 3, 2, 4, 2
@@ -60,23 +59,34 @@ def _assert_close(candidate, reference):
         assert relative_error(a, b)[1] <= TOL
 
 
+def _zero_model(cell, input_size, hidden_size, output_size, **kwargs):
+    """Zeros in ``init_model``'s layout, shapes by ``jax.eval_shape`` (nothing compiled)."""
+    shapes = jax.eval_shape(
+        lambda k: init_model(k, cell, input_size, hidden_size, output_size, **kwargs),
+        jax.random.key(0),
+    )
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
 # --------------------------------------------------------------------------------------------
 # Train step
 
 
-@pytest.mark.parametrize("mode", [m for m in modes.BPTT_MODES if m != "auto"])
-def test_every_mode_gives_the_training_curve_of_auto(mode):
+@functools.lru_cache(maxsize=4)  # the auto curve is the reference of every mode: trained once
+def _training_curve(mode):
     params, xs, targets = _regression()
     optimizer = make_optimizer("adam", 0.05, clip_norm=1.0)
-    curves = {}
-    for name in ("auto", mode):
-        train_step = make_train_step(optimizer, cell="lstm", loss="mse", mode=name)
-        p, state, losses = params, optimizer.init(params), []
-        for _ in range(5):
-            p, state, info = train_step(p, state, xs, targets)
-            losses.append(float(info.loss))
-        curves[name] = (p, losses)
-    (p_auto, loss_auto), (p_mode, loss_mode) = curves["auto"], curves[mode]
+    train_step = make_train_step(optimizer, cell="lstm", loss="mse", mode=mode)
+    p, state, losses = params, optimizer.init(params), []
+    for _ in range(5):
+        p, state, info = train_step(p, state, xs, targets)
+        losses.append(float(info.loss))
+    return p, losses
+
+
+@pytest.mark.parametrize("mode", [m for m in BPTT_MODES if m != "auto"])
+def test_every_mode_gives_the_training_curve_of_auto(mode):
+    (p_auto, loss_auto), (p_mode, loss_mode) = _training_curve("auto"), _training_curve(mode)
     assert loss_auto[-1] < loss_auto[0]  # it trains
     np.testing.assert_allclose(loss_mode, loss_auto, rtol=TOL, atol=0)
     _assert_close(p_mode, p_auto)
@@ -135,9 +145,9 @@ def test_make_optimizer_and_train_step_reject_bad_names():
 
 
 # --------------------------------------------------------------------------------------------
-# Deep models: the same step over init_deep params
+# Deep models: the same step, depth and directions read from the params
 
-DEEP = dict(cell="gru", num_layers=2, bidirectional=True, dropout=0.25)
+DEEP = dict(cell="gru", dropout=0.25)
 
 
 def _rbg_key(seed):
@@ -145,16 +155,16 @@ def _rbg_key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-def test_deep_models_train_alike_in_every_deep_mode():
-    """A 2-layer bidirectional GRU with dropout: auto, manual and fast give the same curve."""
+def test_deep_models_train_alike_in_every_mode():
+    """A 2-layer bidirectional GRU with dropout: every mode gives auto's curve."""
     _, xs, targets = _regression()
-    params = init_deep(
+    params = init_model(
         jax.random.key(0), "gru", D, H, OUT, num_layers=2, bidirectional=True, dtype=jnp.float64
     )
     optimizer = optax.sgd(0.2)
     keys = [_rbg_key(seed) for seed in range(3)]
     runs = {}
-    for mode in DEEP_BPTT_MODES:
+    for mode in BPTT_MODES:
         train_step = make_train_step(optimizer, loss="mse", mode=mode, **DEEP)
         assert train_step.needs_key
         p, state, losses = params, optimizer.init(params), []
@@ -164,7 +174,7 @@ def test_deep_models_train_alike_in_every_deep_mode():
         runs[mode] = (p, losses, train_step)
     p_auto, loss_auto, step_auto = runs["auto"]
     assert loss_auto[-1] < loss_auto[0]
-    for mode in ("manual", "fast"):
+    for mode in BPTT_MODES[1:]:
         np.testing.assert_allclose(runs[mode][1], loss_auto, rtol=TOL, atol=0)
         _assert_close(runs[mode][0], p_auto)
     # The key draws the dropout masks: another key, another update.
@@ -179,14 +189,9 @@ def test_deep_models_train_alike_in_every_deep_mode():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_layers": 0}, "num_layers must be a positive int"),
-        ({"num_layers": 2, "dropout": 1.0}, "dropout must be in"),
-        ({"num_layers": 2, "dropout": -0.1}, "dropout must be in"),
-        ({"dropout": 0.5}, "dropout=0.5 acts between stacked layers"),
-        ({"num_layers": 2, "residual": "yes"}, "residual must be one of"),
-        ({"num_layers": 2, "mode": "checkpointed"}, "mode='checkpointed' has no deep"),
-        ({"num_layers": 2, "truncation": (2, 4)}, "k1 == k2"),
-        ({"bidirectional": True, "truncation": (4, 4)}, "bidirectional=False"),
+        ({"dropout": 1.0}, "dropout must be a float in"),
+        ({"dropout": -0.1}, "dropout must be a float in"),
+        ({"residual": "yes"}, "residual must be one of"),
     ],
 )
 def test_deep_train_step_rejects_bad_options(kwargs, match):
@@ -194,14 +199,42 @@ def test_deep_train_step_rejects_bad_options(kwargs, match):
         make_train_step(optax.sgd(0.1), **{"cell": "gru", **kwargs})
 
 
-def test_deep_train_step_rejects_params_of_another_layout():
+def test_init_model_rejects_zero_layers():
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
+        init_model(jax.random.key(0), "gru", D, H, OUT, num_layers=0)
+
+
+def test_dropout_on_a_single_layer_is_rejected():
     params, xs, targets = _regression()
-    train_step = make_train_step(optax.sgd(0.1), cell="lstm", num_layers=2)
-    with pytest.raises(TypeError, match="init_deep params"):
-        train_step(params, (), xs, targets)
-    three = init_deep(jax.random.key(0), "lstm", D, H, OUT, num_layers=3, dtype=jnp.float64)
-    with pytest.raises(ValueError, match="params have 3 layers"):
-        train_step(three, (), xs, targets)
+    train_step = make_train_step(optax.sgd(0.1), cell="lstm", dropout=0.5)
+    with pytest.raises(ValueError, match="dropout=0.5 acts between stacked layers"):
+        train_step(params, optax.sgd(0.1).init(params), xs, targets, key=_rbg_key(0))
+
+
+def test_truncated_train_step_rejects_a_bidirectional_model():
+    """The model's directions come from the params, so the rejection comes at the call."""
+    params = _zero_model("gru", D, H, OUT, bidirectional=True, dtype=jnp.float64)
+    train_step = make_train_step(optax.sgd(0.1), cell="gru", truncation=(4, 4))
+    _, xs, targets = _regression()
+    with pytest.raises(ValueError, match="unidirectional"):
+        train_step(params, optax.sgd(0.1).init(params), xs[:4], targets[:4])
+
+
+def test_train_step_rejects_params_of_another_layout():
+    params, xs, targets = _regression()
+    train_step = make_train_step(optax.sgd(0.1), cell="lstm")
+    old_layout = {"cell": params["layers"][0]["fwd"], "readout": params["readout"]}
+    with pytest.raises(TypeError, match="init_model"):
+        train_step(old_layout, (), xs, targets)
+    gru = _zero_model("gru", D, H, OUT, dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[0\]\['fwd'\].*lstm"):
+        train_step(gru, (), xs, targets)
+    # Depth comes from the params: an h0 must have one state per layer.
+    three = _zero_model("lstm", D, H, OUT, num_layers=3, dtype=jnp.float64)
+    two_states = init_state(_zero_model("lstm", D, H, OUT, num_layers=2, dtype=jnp.float64), B,
+                            cell="lstm")  # fmt: skip
+    with pytest.raises(TypeError, match="3 layers"):
+        train_step(three, (), xs, targets, h0=two_states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,17 +268,17 @@ def _stream_setup():
     train_step = make_train_step(
         optimizer, cell="lstm", loss="cross_entropy", mode="manual", truncation=(K1, K1)
     )
-    zero = get_cell("lstm").zero_state((2,), 6, jnp.float32)
+    zero = init_state(params, 2, cell="lstm")
     return params, optimizer, train_step, _stream_batch_fn(zero), zero
 
 
-DEEP_STREAM = dict(num_layers=2, dropout=0.2, residual="except_first")
+DEEP_STREAM = dict(dropout=0.2, residual="except_first")
 
 
 @functools.lru_cache(maxsize=1)
 def _deep_stream_setup():
     """A 2-layer LSTM with dropout and a residual connection on the same stream, BPTT(4, 4)."""
-    params = init_deep(jax.random.key(4), "lstm", 5, 6, 5, num_layers=2)
+    params = init_model(jax.random.key(4), "lstm", 5, 6, 5, num_layers=2)
     optimizer = make_optimizer("adam", 0.02, clip_norm=1.0)
     train_step = make_train_step(
         optimizer,
@@ -255,7 +288,7 @@ def _deep_stream_setup():
         truncation=(K1, K1),
         **DEEP_STREAM,
     )
-    zero = zero_carry(params, "lstm", 2)
+    zero = init_state(params, 2, cell="lstm")
     return params, optimizer, train_step, _stream_batch_fn(zero), zero
 
 
@@ -265,7 +298,10 @@ def _fit(
     base_params, optimizer, train_step, base_batch_fn, zero = setup()
     params = base_params if params is None else params
     kwargs.setdefault("key", jax.random.key(0))
-    residual = DEEP_STREAM["residual"] if "layers" in params else False
+    kwargs.setdefault("checkpoint_every", 4)
+    kwargs.setdefault("log_every", 2)
+    kwargs.setdefault("progress", False)
+    residual = DEEP_STREAM["residual"] if len(params["layers"]) > 1 else False
     return fit(
         train_step,
         params,
@@ -273,13 +309,10 @@ def _fit(
         batch_fn or base_batch_fn,
         num_steps=num_steps,
         run_dir=run_dir,
-        signature=run_signature(params, "lstm", residual=residual),
+        signature=model_signature(params, "lstm", residual=residual),
         config={"test": True},
         init_carry=zero,
-        checkpoint_every=4,
-        log_every=2,
         resume=resume,
-        progress=False,
         **kwargs,
     )
 
@@ -288,18 +321,43 @@ class Killed(Exception):
     pass
 
 
-def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path):
-    full = _fit(tmp_path / "full", 10, eval_fn=lambda p: {"w": p["cell"]["W_hh"][0, 0]})
+def _dies_at(step_to_die, batch_fn=None):
+    batch_fn = batch_fn or _stream_setup()[3]
 
-    _, _, _, batch_fn, _ = _stream_setup()
-
-    def dies_at_step_6(key, step_index, carry):
-        if step_index == 6:  # after the checkpoint at step 4, mid-way to the next one
+    def dying(key, step_index, carry):
+        if step_index == step_to_die:
             raise Killed
         return batch_fn(key, step_index, carry)
 
+    return dying
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in _records(run_dir) if r["kind"] == "train"]
+
+
+def _assert_no_duplicate_steps(run_dir):
+    """Every kind of record but the resume markers has each step at most once, in order."""
+    records = _records(run_dir)
+    for kind in {r["kind"] for r in records} - {"resumed"}:
+        steps = [r["step"] for r in records if r["kind"] == kind]
+        assert steps == sorted(set(steps)), (kind, steps)
+
+
+def _w(params):
+    return {"w": params["layers"][0]["fwd"]["W_hh"][0, 0]}
+
+
+def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path):
+    full = _fit(tmp_path / "full", 10, eval_fn=_w)
+
+    # Killed after the checkpoint at step 4, mid-way to the next one.
     with pytest.raises(Killed):
-        _fit(tmp_path / "resumed", 10, batch_fn=dies_at_step_6)
+        _fit(tmp_path / "resumed", 10, batch_fn=_dies_at(6))
     assert read_metadata(tmp_path / "resumed")["step"] == 4
     resumed = _fit(tmp_path / "resumed", 10, resume=True)
 
@@ -307,12 +365,8 @@ def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path):
     for name in ("params", "opt_state", "carry"):
         assert _leaves_equal(getattr(resumed, name), getattr(full, name)), name
 
-    def train_losses(run):
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
-
     # The resumed log has each step once (steps 5-6 were redone) with the same losses.
-    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")
+    assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "full")
 
     # A time limit stops a run early (after its first step here); resuming finishes it exactly.
     stopped = _fit(tmp_path / "timed", 10, time_limit_s=0.0)
@@ -322,7 +376,7 @@ def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path):
 
 
 def test_nonfinite_steps_are_counted_and_logged(tmp_path):
-    _, _, _, batch_fn, _ = _stream_setup()
+    batch_fn = _stream_setup()[3]
 
     def poisoned(key, step_index, carry):
         batch = batch_fn(key, step_index, carry)
@@ -334,7 +388,7 @@ def test_nonfinite_steps_are_counted_and_logged(tmp_path):
     assert result.skipped == 1
     trained = (result.params, result.opt_state, result.carry)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(trained))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    records = _records(tmp_path / "run")
     assert [r["step"] for r in records if r["kind"] == "nonfinite"] == [3]
     assert records[-1]["skipped"] == 1
 
@@ -350,8 +404,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="hidden_size: checkpoint has 6, this run has 7"):
         _fit(run, 8, resume=True, params=other)
     # A 1-layer checkpoint never resumes into a 2-layer run.
-    deep = init_deep(jax.random.key(1), "lstm", 5, 6, 5, num_layers=2)
-    with pytest.raises(ValueError, match="num_layers: checkpoint has None, this run has 2"):
+    deep = init_model(jax.random.key(1), "lstm", 5, 6, 5, num_layers=2)
+    with pytest.raises(ValueError, match="num_layers: checkpoint has 1, this run has 2"):
         _fit(run, 8, resume=True, params=deep)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
@@ -372,9 +426,13 @@ def test_deep_truncated_fit_carries_every_layer_and_resumes_bitwise(tmp_path):
     # The carry is every layer's final state, composed here from single-layer unrolls with the
     # same dropout mask between the layers (the residual path does not touch the states).
     (mask,) = dropout_masks(dropout_key, DEEP_STREAM["dropout"], params["layers"], batch["xs"])
-    hs, final_0 = unroll("lstm", params["layers"][0]["fwd"], batch["xs"])
-    _, final_1 = unroll("lstm", params["layers"][1]["fwd"], hs * mask)
-    expected = [{"fwd": final_0}, {"fwd": final_1}]
+
+    def one_layer(i):
+        return {"layers": [params["layers"][i]], "readout": params["readout"]}
+
+    hs, (final_0,) = unroll(one_layer(0), batch["xs"], cell="lstm")
+    _, (final_1,) = unroll(one_layer(1), hs * mask, cell="lstm")
+    expected = [final_0, final_1]
     assert jax.tree_util.tree_structure(info.carry) == jax.tree_util.tree_structure(expected)
     leaves = zip(
         jax.tree_util.tree_leaves(info.carry), jax.tree_util.tree_leaves(expected), strict=True
@@ -383,17 +441,98 @@ def test_deep_truncated_fit_carries_every_layer_and_resumes_bitwise(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # float32 forward
 
     full = deep_fit(tmp_path / "full", 8)
-
-    def dies_at_step_6(key, step_index, carry):
-        if step_index == 6:
-            raise Killed
-        return batch_fn(key, step_index, carry)
-
     with pytest.raises(Killed):
-        deep_fit(tmp_path / "resumed", 8, batch_fn=dies_at_step_6)
+        deep_fit(tmp_path / "resumed", 8, batch_fn=_dies_at(6, batch_fn))
     resumed = deep_fit(tmp_path / "resumed", 8, resume=True)
     for name in ("params", "opt_state", "carry"):
         assert _leaves_equal(getattr(resumed, name), getattr(full, name)), name
+
+
+# --------------------------------------------------------------------------------------------
+# Fit: checkpoints by time, resume and stop records, progress off a terminal (issue 17)
+
+
+def test_checkpoint_every_s_writes_a_checkpoint_within_the_time(tmp_path, monkeypatch):
+    """fit's clock is replaced by one that only moves when step 3 runs (for 10 s): with
+    checkpoint_every_s=5 the run checkpoints right after it, and a kill at step 5 leaves that
+    checkpoint; without checkpoint_every_s the killed run has none."""
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    batch_fn = _stream_setup()[3]
+
+    def slow_step_3(key, step_index, carry):
+        if step_index == 2:
+            clock[0] += 10.0
+        return batch_fn(key, step_index, carry)
+
+    for run, every_s in (("timed", 5.0), ("untimed", None)):
+        with pytest.raises(Killed):
+            _fit(tmp_path / run, 10, batch_fn=_dies_at(4, slow_step_3), checkpoint_every=0,
+                 checkpoint_every_s=every_s)  # fmt: skip
+    assert read_metadata(tmp_path / "timed")["step"] == 3
+    assert not has_checkpoint(tmp_path / "untimed")
+    resumed = _fit(tmp_path / "timed", 10, resume=True, checkpoint_every=0)
+    assert resumed.history[0] == {"kind": "resumed", "step": 3}
+
+
+def test_resume_logs_and_prints_where_it_starts(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        _fit(run, 10, batch_fn=_dies_at(6))
+    capsys.readouterr()
+    resumed = _fit(run, 10, resume=True, progress=True)
+    assert resumed.history[0] == {"kind": "resumed", "step": 4}
+    assert {"kind": "resumed", "step": 4} in _records(run)
+    assert re.search(r"resuming .*run at step 4 of 10", capsys.readouterr().err)
+
+    # resume=True on an empty directory starts at step 0, and says so.
+    fresh = _fit(tmp_path / "fresh", 2, resume=True, progress=True)
+    assert fresh.history[0] == {"kind": "resumed", "step": 0} and fresh.step == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
+    run = tmp_path / "run"
+    fit_kwargs = dict(eval_fn=_w, eval_every=4)
+    with pytest.raises(Killed):
+        _fit(run, 10, batch_fn=_dies_at(6), **fit_kwargs)
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == [2, 4, 6]
+    done = _fit(run, 10, resume=True, **fit_kwargs)
+    _assert_no_duplicate_steps(run)
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == [2, 4, 6, 8, 10]
+    assert [r["step"] for r in _records(run) if r["kind"] == "eval"] == [4, 8, 10]
+
+    # Resuming a finished run does no step and logs none again.
+    again = _fit(run, 10, resume=True, **fit_kwargs)
+    assert again.step == 10 and _leaves_equal(again.params, done.params)
+    _assert_no_duplicate_steps(run)
+    assert [r["step"] for r in _records(run) if r["kind"] == "resumed"] == [4, 10]
+
+
+def test_time_limited_run_reports_and_logs_its_stop(tmp_path):
+    run = tmp_path / "run"
+    stopped = _fit(run, 10, time_limit_s=0.0)
+    assert stopped.stopped_early and stopped.step == 1
+    assert read_metadata(run)["step"] == 1  # checkpointed where it stopped
+    (record,) = [r for r in _records(run) if r["kind"] == "stopped"]
+    assert record["step"] == 1 and "time limit" in record["reason"]
+    assert stopped.history[-1] == record
+    # Resumed without a limit: it finishes, with each step logged once.
+    finished = _fit(run, 10, resume=True)
+    assert not finished.stopped_early and finished.step == 10
+    _assert_no_duplicate_steps(run)
+
+
+def test_progress_off_a_terminal_prints_plain_lines(tmp_path, capsys):
+    """stderr captured by pytest is not a tty: one plain line per logged window, no '\\r'."""
+    _fit(tmp_path / "run", 4, progress=True, eval_fn=_w, eval_every=4, desc="stream")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3  # train at steps 2 and 4, eval at 4
+    assert re.fullmatch(r"stream 2/4 loss=\d+\.\d{4}", lines[0])
+    assert re.fullmatch(r"stream 4/4 loss=\d+\.\d{4}", lines[1])
+    assert re.fullmatch(r"stream 4/4 w=-?\d+\.\d{4}", lines[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,39 +622,3 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             opt_state_template=opt_state,
             signature=model_signature(params, "lstm"),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-
-
-def test_greedy_generation_matches_a_python_loop():
-    vocab = 5
-    params = init_model(jax.random.key(2), "gru", vocab, 8, vocab, dtype=jnp.float64)
-    cell = get_cell("gru")
-    prompt = np.array([1, 4, 0])
-    tokens = generate(params, jax.random.key(0), prompt, 6, cell="gru", temperature=0.0)
-    state = cell.zero_state((), 8, jnp.float64)
-    expected = []
-    for token in prompt:
-        state = step(cell, params["cell"], state, jax.nn.one_hot(token, vocab, dtype=jnp.float64))
-    for _ in range(6):
-        logits = cell.hidden(state) @ params["readout"]["W_hy"] + params["readout"]["b_y"]
-        expected.append(int(jnp.argmax(logits)))
-        state = step(cell, params["cell"], state, jax.nn.one_hot(expected[-1], vocab))
-    assert np.asarray(tokens).tolist() == expected
-
-    sampled = generate(params, jax.random.key(0), prompt, 50, cell="gru", temperature=1.0)
-    again = generate(params, jax.random.key(0), prompt, 50, cell="gru", temperature=1.0)
-    assert sampled.shape == (50,) and np.array_equal(sampled, again)
-    assert int(sampled.min()) >= 0 and int(sampled.max()) < vocab
-    # A very low temperature is (almost surely) greedy.
-    cold = generate(params, jax.random.key(3), prompt, 6, cell="gru", temperature=1e-4)
-    assert np.asarray(cold).tolist() == expected
-
-    with pytest.raises(ValueError, match="temperature"):
-        generate(params, jax.random.key(0), prompt, 5, cell="gru", temperature=-1.0)
-    with pytest.raises(ValueError, match="prompt_ids"):
-        generate(params, jax.random.key(0), np.array([7]), 5, cell="gru")
-    with pytest.raises(ValueError, match="length"):
-        generate(params, jax.random.key(0), prompt, 0, cell="gru")
