@@ -27,7 +27,8 @@ its forward half at ``t = length - 1`` and, when bidirectional, its backward hal
 
 Each layer and direction runs through one of ``RUNS`` (how its gradient is formed):
 
-- ``"auto"``: ``scan_states``, differentiated by ``jax.grad`` (and taped for the manual backward);
+- ``"auto"``: ``scan_hidden``, differentiated by ``jax.grad`` (``run_scan`` is the same forward
+  keeping the tape that the hand-written ``stack_backward`` reads);
 - ``"fast"``: ``fast_scan``, whose VJP is the hand-written reverse scan;
 - ``"checkpointed"``: ``checkpointed_scan``, which also recomputes segments in the backward.
 
@@ -50,7 +51,14 @@ from jax_bptt.backends import ScanOptions, check_options, resolve_options
 from jax_bptt.cells import Cell, get_cell, is_token_ids, project_inputs
 from jax_bptt.fast import checkpointed_scan, fast_scan
 from jax_bptt.losses import Loss, sequence_loss
-from jax_bptt.scan import backward_scan, length_mask, masked, masked_hidden, scan_states
+from jax_bptt.scan import (
+    backward_scan,
+    length_mask,
+    masked,
+    masked_hidden,
+    scan_hidden,
+    scan_states,
+)
 from jax_bptt.validation import (
     DIRECTIONS,
     Batch,
@@ -155,9 +163,17 @@ def readout(params: dict, features: jax.Array) -> jax.Array:
 # One direction of one layer, three ways to differentiate it
 
 
+def run_auto(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+    """``(hs (t b h), final, None)`` by ``scan_hidden``, for ``jax.grad`` to differentiate."""
+    mask = length_mask(lengths, inputs.shape[0])
+    xp = project_inputs(params, inputs)  # (t b g): one GEMM (or row gather) for every step
+    final, hs = scan_hidden(cell, params, xp, h0, mask, reverse, options.unroll)
+    return hs, final, None
+
+
 def run_scan(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
     """``(hs (t b h), final, tape)`` by ``scan_states``: the tape ``(states, saved)`` is what
-    ``backward_scan`` needs, and ``jax.grad`` differentiates through it."""
+    ``backward_scan`` needs (the hand-written backward's forward)."""
     mask = length_mask(lengths, inputs.shape[0])
     xp = project_inputs(params, inputs)  # (t b g): one GEMM for every step
     final, tape = scan_states(cell, params, xp, h0, mask, reverse, options.unroll)
@@ -176,7 +192,7 @@ def run_checkpointed(cell: Cell, options: ScanOptions, params, inputs, h0, lengt
     return hs, final, None
 
 
-RUNS = {"auto": run_scan, "fast": run_fast, "checkpointed": run_checkpointed}
+RUNS = {"auto": run_auto, "fast": run_fast, "checkpointed": run_checkpointed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,15 +325,21 @@ def loss_features(outputs, lengths, placement: str, forward_size: int):
     return summary, None if lengths is None else jnp.minimum(lengths, 1)
 
 
-def stack_loss(
-    params, h0, xs, targets, lengths, drops, *, cell, loss: Loss, residual, options, run=run_scan
-) -> jax.Array:
-    """The scalar loss on batched, validated inputs (the function ``jax.grad`` sees)."""
+def stack_loss_and_finals(
+    params, h0, xs, targets, lengths, drops, *, cell, loss: Loss, residual, options, run=run_auto
+):
+    """``(scalar loss, final states)`` on batched, validated inputs (what ``jax.grad`` sees)."""
     layers = params["layers"]
-    outputs, _, _ = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run)
+    outputs, finals, _ = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run)
     forward_size = layers[-1]["fwd"]["W_hh"].shape[0]
     features, loss_lengths = loss_features(outputs, lengths, loss.placement, forward_size)
-    return sequence_loss(readout(params["readout"], features), targets, loss, loss_lengths)
+    value = sequence_loss(readout(params["readout"], features), targets, loss, loss_lengths)
+    return value, finals
+
+
+def stack_loss(params, h0, xs, targets, lengths, drops, **static) -> jax.Array:
+    """The scalar loss of ``stack_loss_and_finals``."""
+    return stack_loss_and_finals(params, h0, xs, targets, lengths, drops, **static)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,12 +33,13 @@ from jax_bptt.model import (
     loss_features,
     prepare,
     readout,
+    run_auto,
     run_checkpointed,
     run_fast,
-    run_scan,
     stack_backward,
     stack_forward,
     stack_loss,
+    stack_loss_and_finals,
     to_time_major,
     unbatch,
 )
@@ -58,30 +59,35 @@ class Gradients(NamedTuple):
 _STATIC = ("cell", "loss", "residual", "options")
 
 
-def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops) -> Gradients:
+# Each core returns ``(Gradients, final states)``: the final states cost nothing extra, and
+# truncated BPTT carries them into the next window.
+
+
+def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops):
+    """``loss_fn -> (loss, finals)`` differentiated: ``(Gradients, finals)``."""
     argnums = (0, 1) if is_token_ids(xs) else (0, 1, 2)  # token ids have no gradient
-    value, (d_params, d_h0, *d_xs) = jax.value_and_grad(loss_fn, argnums=argnums)(
-        params, h0, xs, targets, lengths, drops
-    )
-    return Gradients(value, d_params, d_h0, d_xs[0] if d_xs else None)
+    (value, finals), (d_params, d_h0, *d_xs) = jax.value_and_grad(
+        loss_fn, argnums=argnums, has_aux=True
+    )(params, h0, xs, targets, lengths, drops)
+    return Gradients(value, d_params, d_h0, d_xs[0] if d_xs else None), finals
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _auto_core(params, h0, xs, targets, lengths, drops, **static) -> Gradients:
-    loss_fn = functools.partial(stack_loss, run=run_scan, **static)
+def _auto_core(params, h0, xs, targets, lengths, drops, **static):
+    loss_fn = functools.partial(stack_loss_and_finals, run=run_auto, **static)
     return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _fast_core(params, h0, xs, targets, lengths, drops, **static) -> Gradients:
-    loss_fn = functools.partial(stack_loss, run=run_fast, **static)
+def _fast_core(params, h0, xs, targets, lengths, drops, **static):
+    loss_fn = functools.partial(stack_loss_and_finals, run=run_fast, **static)
     return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _manual_core(params, h0, xs, targets, lengths, drops, *, cell, loss, residual, options):
     layers, ro = params["layers"], params["readout"]
-    outputs, _, tapes = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual)
+    outputs, finals, tapes = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual)
 
     # Readout and loss: dL/dy by hand, then one GEMM each for the readout weights and dL/d features.
     forward_size = layers[-1]["fwd"]["W_hh"].shape[0]
@@ -105,11 +111,11 @@ def _manual_core(params, h0, xs, targets, lengths, drops, *, cell, loss, residua
     d_layers, d_h0, d_xs = stack_backward(
         cell, options, layers, h0, tapes, lengths, drops, residual, d_out, None
     )
-    return Gradients(value, {"layers": d_layers, "readout": d_readout}, d_h0, d_xs)
+    return Gradients(value, {"layers": d_layers, "readout": d_readout}, d_h0, d_xs), finals
 
 
 def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, residual, options):
-    """``stack_loss`` of a unidirectional stack, formed segment by segment under
+    """``stack_loss_and_finals`` of a unidirectional stack, formed segment by segment under
     ``jax.checkpoint``.
 
     A segment's layers, readout and loss terms are computed (and, in the backward, recomputed)
@@ -148,18 +154,18 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
         ys = readout(params["readout"], outputs)
         return finals, sequence_loss(ys, targets_k if per_step else targets, sum_loss, local)
 
-    _, values = jax.lax.scan(segment, h0, inputs)
+    finals, values = jax.lax.scan(segment, h0, inputs)
     total = values.sum()
     if loss.reduction == "sum":
-        return total
+        return total, finals
     count = term_weights(loss.placement, num_steps, batch_size, lengths, total.dtype).sum()
-    return total / jnp.maximum(count, 1.0)
+    return total / jnp.maximum(count, 1.0), finals
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _checkpointed_core(params, h0, xs, targets, lengths, drops, **static) -> Gradients:
+def _checkpointed_core(params, h0, xs, targets, lengths, drops, **static):
     if "bwd" in params["layers"][0]:  # a backward direction needs the whole future: per layer
-        loss_fn = functools.partial(stack_loss, run=run_checkpointed, **static)
+        loss_fn = functools.partial(stack_loss_and_finals, run=run_checkpointed, **static)
     else:
         loss_fn = functools.partial(_segmented_loss, **static)
     return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
@@ -230,7 +236,7 @@ def bptt(
         targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
         run.batch.lengths,
     )  # fmt: skip
-    grads = CORES[mode](
+    grads, _ = CORES[mode](
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.drops,
         cell=run.cell, loss=loss, residual=residual, options=run.options,
     )  # fmt: skip

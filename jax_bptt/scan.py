@@ -64,6 +64,21 @@ def scan_states(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
     return jax.lax.scan(body, h0, (xp, mask), reverse=reverse, unroll=unroll)
 
 
+def scan_hidden(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
+    """``scan_states`` that stacks only the hidden outputs, zero past each length: ``(final_state,
+    hs (t b h))``. What ``jax.grad`` differentiates in the automatic mode: it saves what its own
+    backward needs, and nothing else is written per step."""
+
+    def body(state, inputs):
+        xp_t, mask_t = inputs
+        new_state, _ = cell.forward(params, xp_t, cell.hidden(state) @ params["W_hh"], state)
+        new_state = select(mask_t, new_state, state)
+        h = cell.hidden(new_state)
+        return new_state, h if mask_t is None else jnp.where(mask_t[:, None], h, 0)
+
+    return jax.lax.scan(body, h0, (xp, mask), reverse=reverse, unroll=unroll)
+
+
 def masked_hidden(cell: Cell, states, mask) -> jax.Array:
     """``(t b h)`` hidden outputs, zero past each sequence's length."""
     return masked(mask, cell.hidden(states))

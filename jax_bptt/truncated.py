@@ -26,11 +26,12 @@ carry between windows is every layer's state the next window starts from, after 
 the final state when ``k1 = k2``); when that index is negative the next window also starts at
 step 0 and the carry is the stream's ``h0``.
 
-Gradients: ``mode="auto"`` is ``jax.value_and_grad`` of the window loss. Any other mode of
-``jax_bptt.modes`` runs on the tail with ``h0`` = the states entering it, and
-``model.stack_backward`` carries the returned ``d h0`` back through the window's first ``W - k1``
-steps (no loss terms there, so only that cotangent flows); one taped forward over the window gives
-those steps' saved values and the carry.
+Gradients: with ``k1 = k2`` the window is the block, and the mode's own core gives the loss, the
+gradients and the final states (the carry) in one pass. With ``k1 < k2``, ``mode="auto"`` is
+``jax.value_and_grad`` of the window loss; any other mode runs on the tail with ``h0`` = the
+states entering it, and ``model.stack_backward`` carries the returned ``d h0`` back through the
+window's first ``W - k1`` steps (no loss terms there, so only that cotangent flows); one taped
+forward over the window gives those steps' saved values and the carry.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def _window_core(
     num_steps = xs.shape[0]
     carry_index = num_steps + k1 - k2 - 1
     static = dict(cell=cell, loss=loss, residual=residual, options=options)
+    if k1 == k2:  # the whole window carries the loss and the carry is its final state
+        grads, finals = CORES[mode](params, h_start, xs, targets, None, drops, **static)
+        return WindowResult(grads.loss, grads.params, jax.lax.stop_gradient(finals))
     if mode == "auto":
         (value, tapes), grads = jax.value_and_grad(
             functools.partial(_window_loss, k1=k1, **static), has_aux=True
@@ -142,7 +146,7 @@ def _window_core(
     prefix = num_steps - k1  # steps that only carry the gradient further back
     h_tail = _states_at(tapes, h_start, prefix - 1)
     tail = None if drops is None else [d[prefix:] for d in drops]
-    grads = CORES[mode](params, h_tail, xs[prefix:], targets[prefix:], None, tail, **static)
+    grads, _ = CORES[mode](params, h_tail, xs[prefix:], targets[prefix:], None, tail, **static)
     d_params = grads.params
     if prefix > 0:  # no loss term before the tail: only d h_tail flows back through the prefix
         features = params["readout"]["W_hy"].shape[0]
