@@ -124,8 +124,11 @@ def main(argv=None) -> dict:
         lines.append(f"{name:16s} {wall:9.2f} {cpu:9.2f} {1e3 / wall:8.2f} {wall / base:8.2f}x")
     report = "\n".join(lines)
     print(report)
-    result = {"device": info, "config": vars(args) | {"json": None, "txt": None},
-              "medians_ms": {k: {"wall": w, "cpu": c} for k, (w, c) in medians.items()}}  # fmt: skip
+    result = {
+        "device": info,
+        "config": vars(args) | {"json": None, "txt": None},
+        "medians_ms": {k: {"wall": w, "cpu": c} for k, (w, c) in medians.items()},
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.txt:
