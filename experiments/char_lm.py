@@ -48,6 +48,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from common import (
     MODEL_DEFAULTS,
     NON_NEGATIVE,
@@ -98,7 +99,11 @@ class Config:
     max_minutes: float | None = 4.0  # stop training early (then --resume) on a busy machine
     checkpoint_minutes: float | None = 1.0  # and checkpoint this often
     optimizer: str = "adam"
-    lr: float = 3e-3
+    lr: float = 3e-3  # the peak of the schedule
+    schedule: str = (
+        "cosine"  # "cosine": linear warm-up, cosine decay to lr/20 at --steps; "constant"
+    )
+    warmup: int = 100  # steps of linear warm-up (cosine schedule)
     clip_norm: float | None = 1.0
     clip_value: float | None = None
     forget_bias: float | None = 1.0
@@ -167,6 +172,11 @@ def make_parser() -> Parser:
     parser.add_argument("--k2", type=POSITIVE, default=None, help="steps to backpropagate (>= k1)")
     parser.add_argument("--data", choices=("stream", "windows"), default=defaults.data)
     parser.add_argument("--steps", type=POSITIVE, default=None)
+    parser.add_argument(
+        "--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+        help="learning rate: warm-up then cosine decay over --steps, or constant --lr",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=defaults.warmup)
     parser.add_argument("--clip-value", type=NON_NEGATIVE_FLOAT, default=0.0, help="0: none")
     parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=defaults.temperature)
     parser.add_argument("--eval-every", type=NON_NEGATIVE, default=None, help="0: at the end")
@@ -206,6 +216,7 @@ def parse_args(argv=None) -> tuple[Config | None, object]:
     config = config_from_args(
         defaults, args, quick=QUICK, flags=("hidden", "batch", "k1", "k2", "steps", "eval_every"),
         cell=args.cell, data=args.data, clip_value=args.clip_value or None,
+        schedule=args.schedule, warmup=args.warmup,
         temperature=args.temperature, max_minutes=args.max_minutes or None,
         checkpoint_minutes=args.checkpoint_minutes or None, text=args.text,
         forget_bias=defaults.forget_bias if args.cell == "lstm" else None,
@@ -388,8 +399,16 @@ def init_params(config: Config, vocab_size: int, key):
 
 
 def make_optimizer(config: Config):
+    """The optimizer with its learning-rate schedule: a warm-up keeps the first, noisy Adam steps
+    small, and decaying to lr/20 at the last step lets the model settle (optax schedules)."""
+    lr = config.lr
+    if config.schedule == "cosine":
+        warmup = min(config.warmup, max(config.steps - 1, 0))
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, config.lr, warmup, max(config.steps, warmup + 1), end_value=config.lr / 20
+        )
     return jb.make_optimizer(
-        config.optimizer, config.lr, clip_norm=config.clip_norm, clip_value=config.clip_value
+        config.optimizer, lr, clip_norm=config.clip_norm, clip_value=config.clip_value
     )
 
 
@@ -556,10 +575,13 @@ def main(argv=None) -> dict:
         )
     else:
         status = f"done: {result.step} of {config.steps} steps"
+    rate = [r["steps_per_s"] for r in trains[-5:]]
+    steps_per_s = sorted(rate)[len(rate) // 2] if rate else float("nan")
     print(
         f"{status}; final validation {final['val_nats']:.4f} nats/char = "
-        f"{final['val_bits']:.4f} bits/char (bigram {bigram:.4f}); "
-        f"{summary['wall_time_s']:.0f} s; outputs in {run_dir}"
+        f"{final['val_bits']:.4f} bits/char (bigram baseline {bigram:.4f}); "
+        f"{summary['wall_time_s']:.0f} s wall, {steps_per_s:.1f} steps/s; outputs in {run_dir}\n"
+        f"sample again: python experiments/char_lm.py --sample --out {run_dir}"
     )
     return summary
 
