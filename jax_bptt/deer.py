@@ -17,8 +17,9 @@ arithmetic, for *any* A_t): at most T iterations, usually a handful when the dyn
 The state is flattened per batch row to a vector of size S: ``h`` (S = H) for Elman and GRU,
 ``[h, c]`` (S = 2H) for the LSTM. Dimension letters as in ``jax_bptt.cells``; ``s`` is S.
 
-Masks follow ``jax_bptt.unroll``: step t updates a row only where ``t < lengths[b]``; elsewhere
-``A_t = I``, ``b_t = 0`` (the state is carried unchanged), so a frozen step is solved exactly.
+Masks follow the package's masked scan (``jax_bptt.scan``): step t updates a row only where
+``t < lengths[b]``; elsewhere ``A_t = I``, ``b_t = 0`` (the state is carried unchanged), so a
+frozen step is solved exactly.
 
 The backward is a ``custom_vjp``: at the solution the adjoint is the linear recurrence
 ``lambda_t = dL/ds_t + A_{t+1}^T lambda_{t+1}``, one reverse associative scan with the exact
@@ -28,6 +29,7 @@ every t at once (the fast path's "weight gradients after the reverse scan", in p
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -134,7 +136,8 @@ def _linearise_diag(cell, layout, params, s_prev, xp):
     diagonals = []
     for i in range(len(leaves)):
         tangent = jax.tree_util.tree_unflatten(
-            treedef, [jnp.ones_like(a) if j == i else jnp.zeros_like(a) for j, a in enumerate(leaves)]
+            treedef,
+            [jnp.ones_like(a) if j == i else jnp.zeros_like(a) for j, a in enumerate(leaves)],
         )
         _, d_h = jax.jvp(cell.hidden, (state,), (tangent,))
         d_hp = jnp.concatenate([d_h] * gates, axis=-1) * w_diag
@@ -205,49 +208,63 @@ def _sequential(cell, layout, params, xp, s0, mask) -> Array:
 # The solve (forward) and its adjoint (backward)
 
 
-def _newton(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask, init):
+def _newton(cell, layout, method, params, xs, s0, mask, init, controls):
     """Damped (quasi-)Newton on all steps at once, then the sequential scan if it failed.
 
-    Damping: ``A_t = (1 - damping) J_t`` (or its diagonal), with ``b_t = f(s^k_{t-1}) - A_t
-    s^k_{t-1}`` built from that same A_t. Every choice of A_t has the same fixed point (the true
-    states) and the same "first k states exact after k iterations" property, so damping never
-    changes the answer or the T-iteration bound. What it changes is the growth of the prefix
-    products ``A_t ... A_1`` inside the scan: they shrink by ``(1 - damping)^t``, which keeps
-    them finite where the Jacobian products grow (positive Lyapunov exponent), at the price of
-    Newton's fast local convergence. ``damping -> 1`` is the Jacobi iteration (A = 0,
-    ``s_t^{k+1} = f(s_{t-1}^k)``: one exact step per iteration). This is the part of ELK
-    (Gonzalez et al. 2024) that matters for overflow, the Kalman filter's ``(1 - K) A`` with a
-    fixed gain ``K = damping``, without its pull towards the previous iterate (which would break
-    the T-iteration bound); it is not ELK's trust-region Kalman smoother.
+    Damping: ``A_t = (1 - damping) J_t`` (or its diagonal) inside the lengths (frozen steps
+    keep ``A_t = I``), with ``b_t = f(s^k_{t-1}) - A_t s^k_{t-1}`` built from that same A_t.
+    Every choice of A_t has the same fixed point (the true states) and the same "first k states
+    exact after k iterations" property, so damping never changes the answer or the T-iteration
+    bound. What it changes is the growth of the prefix products ``A_t ... A_1`` inside the
+    scan: they shrink by ``(1 - damping)^t``, so where the Jacobian products grow like
+    ``exp(lambda t)`` (Lyapunov exponent lambda > 0) a damping with ``(1 - damping) exp(lambda)
+    < 1`` keeps them bounded, at the price of Newton's fast local convergence. ``damping -> 1``
+    is the Jacobi iteration (A = 0, ``s_t^{k+1} = f(s_{t-1}^k)``: one exact step per
+    iteration). This is the part of ELK (Gonzalez et al. 2024) that matters for overflow, the
+    Kalman filter's ``(1 - K) A`` with a fixed gain ``K = damping``, without its pull towards
+    the previous iterate (which would break the T-iteration bound); it is not ELK's
+    trust-region Kalman smoother.
     """
+    tol, max_iters, damping = controls  # traced: changing them does not recompile
     diag = method == "quasi"
-    linearise = _linearise_diag if diag else _linearise_full
     xp = project_inputs(params, xs)
 
-    def f_all(states):
-        return _step_flat(cell, layout, params, _previous(s0, states), xp)
+    def evaluate(states):
+        """``f`` at every step's start, plus what the next solve needs of the linearisation.
+
+        quasi: the diagonal comes with ``f`` from the same JVP, so it is computed here once and
+        carried to the next iteration (one linearisation per iteration, no separate ``f``).
+        full: only ``f``; the dense Jacobian (S tangents) is built in the iteration that uses
+        it, so a converged iterate never pays for one.
+        """
+        s_prev = _previous(s0, states)
+        if diag:
+            return _linearise_diag(cell, layout, params, s_prev, xp)
+        return _step_flat(cell, layout, params, s_prev, xp), None
 
     def body(carry):
-        iteration, states, _ = carry
+        iteration, states, f_prev, jac, _ = carry
         s_prev = _previous(s0, states)
-        f_prev, jac = linearise(cell, layout, params, s_prev, xp)
         if diag:
             a = jnp.where(mask[..., None], (1.0 - damping) * jac, 1.0)
         else:
+            _, jac = _linearise_full(cell, layout, params, s_prev, xp)
             eye = jnp.eye(jac.shape[-1], dtype=jac.dtype)
             a = jnp.where(mask[..., None, None], (1.0 - damping) * jac, eye)
         b = jnp.where(mask[..., None], f_prev - _apply(a, s_prev, diag), 0.0)
         states = _linear_recurrence(a, b, s0, diag)
-        return iteration + 1, states, _defect(s0, states, f_all(states), mask)
+        f_prev, jac = evaluate(states)
+        return iteration + 1, states, f_prev, jac, _defect(s0, states, f_prev, mask)
 
     def keep_going(carry):
-        iteration, _, residual = carry
+        iteration, *_, residual = carry
         # ``~(r <= tol)`` rather than ``r > tol``: a NaN residual must not read as converged,
         # and a non-finite one stops the loop (more iterations cannot repair an overflow).
         return (iteration < max_iters) & ~(residual <= tol) & jnp.isfinite(residual)
 
-    start = (jnp.int32(0), init, _defect(s0, init, f_all(init), mask))
-    iterations, states, residual = jax.lax.while_loop(keep_going, body, start)
+    f_prev, jac = evaluate(init)
+    start = (jnp.int32(0), init, f_prev, jac, _defect(s0, init, f_prev, mask))
+    iterations, states, *_, residual = jax.lax.while_loop(keep_going, body, start)
     converged = residual <= tol
     states = jax.lax.cond(
         converged,
@@ -257,19 +274,17 @@ def _newton(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask,
     return states, DeerInfo(iterations, residual, converged, ~converged)
 
 
-def _solve(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask, init):
-    return _newton(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask, init)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _solve(cell, layout, method, params, xs, s0, mask, init, controls):
+    return _newton(cell, layout, method, params, xs, s0, mask, init, controls)
 
 
-_solve = jax.custom_vjp(_solve, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-
-
-def _solve_fwd(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask, init):
-    states, info = _newton(cell, layout, method, tol, max_iters, damping, params, xs, s0, mask, init)
+def _solve_fwd(cell, layout, method, params, xs, s0, mask, init, controls):
+    states, info = _newton(cell, layout, method, params, xs, s0, mask, init, controls)
     return (states, info), (params, xs, s0, mask, states, init)
 
 
-def _solve_bwd(cell, layout, method, tol, max_iters, damping, residuals, cotangents):
+def _solve_bwd(cell, layout, method, residuals, cotangents):
     """Adjoint at the solution, with the exact Jacobians whatever ``method`` the forward used.
 
     ``lambda_t = g_t + A_{t+1}^T lambda_{t+1}`` (``A = J`` inside the lengths, ``I`` at frozen
@@ -278,7 +293,7 @@ def _solve_bwd(cell, layout, method, tol, max_iters, damping, residuals, cotange
     ``jax.vjp`` of the step over all (t, b) at once gives the summed parameter gradients, the
     input gradients and ``d s0 = J_0^T lambda_0``.
     """
-    del method, tol, max_iters, damping  # the adjoint does not depend on how s was found
+    del method  # the adjoint does not depend on how the states were found
     params, xs, s0, mask, states, init = residuals
     g_states, _ = cotangents  # DeerInfo carries no gradient
     s_prev = _previous(s0, states)
@@ -297,11 +312,13 @@ def _solve_bwd(cell, layout, method, tol, max_iters, damping, residuals, cotange
     _, vjp = jax.vjp(step_all, params, xs, s_prev)
     d_params, d_xs, d_prev = vjp(into_step)
     d_s0 = jnp.where(mask[0][:, None], d_prev[0], adjoint[0])
-    return d_params, d_xs, d_s0, None, jnp.zeros_like(init)
+    # No gradient flows to the mask, the warm start (the solution does not depend on it) or
+    # the solver's controls.
+    return d_params, d_xs, d_s0, None, jnp.zeros_like(init), (None, None, None)
 
 
 _solve.defvjp(_solve_fwd, _solve_bwd)
-_solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2, 3, 4, 5))
+_solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +378,9 @@ def _check_arrays(cell: Cell, params, xs, h0, lengths) -> tuple[_Layout, int, in
                 f"{cell.name!r} (D={input_size}, H={hidden_size}), got {_shape_of(leaf)}"
             )
     if set(params) != set(expected):
-        raise ValueError(f"params must have exactly the leaves {sorted(expected)}, got {sorted(params)}")
+        raise ValueError(
+            f"params must have exactly the leaves {sorted(expected)}, got {sorted(params)}"
+        )
     if not hasattr(xs, "shape") or xs.ndim != 3 or xs.shape[2] != input_size:
         raise ValueError(f"xs must have shape (T, B, D={input_size}), got {_shape_of(xs)}")
     if xs.dtype != dtype:
@@ -479,12 +498,13 @@ def deer_unroll(
 
     mask = _time_mask(lengths, steps, batch)
     s0 = _flatten(h0)
-    init = jnp.broadcast_to(s0, (steps, *s0.shape)) if init_states is None else _flatten(init_states)
+    init = (
+        jnp.broadcast_to(s0, (steps, *s0.shape)) if init_states is None else _flatten(init_states)
+    )
     if reverse:  # solve in scan order; the flips are linear and differentiate for free
         xs, mask, init = xs[::-1], mask[::-1], init[::-1]
-    states, info = _solve_jit(
-        cell, layout, method, tol, max_iters, float(damping), params, xs, s0, mask, init
-    )
+    controls = (jnp.asarray(tol, dtype), jnp.int32(max_iters), jnp.asarray(damping, dtype))
+    states, info = _solve_jit(cell, layout, method, params, xs, s0, mask, init, controls)
     hs = jnp.where(mask[..., None], cell.hidden(_unflatten(states, layout)), 0.0)
     final = _unflatten(states[-1], layout)
     return (hs[::-1] if reverse else hs), final, info
