@@ -30,7 +30,8 @@ Each layer and direction runs through one of ``RUNS`` (how its gradient is forme
 - ``"auto"``: ``scan_hidden``, differentiated by ``jax.grad`` (``run_scan`` is the same forward
   keeping the tape that the hand-written ``stack_backward`` reads);
 - ``"fast"``: ``fast_scan``, whose VJP is the hand-written reverse scan;
-- ``"checkpointed"``: ``checkpointed_scan``, which also recomputes segments in the backward.
+- ``"checkpointed"``: ``checkpointed_scan``, which also recomputes segments in the backward;
+- ``"parallel"``: ``deer_unroll``, all steps at once by Newton (``jax_bptt.deer``).
 
 ``stack_backward`` is the hand-written BPTT through the stack: from the top, ``dL/d outputs`` of a
 layer is split per direction, ``backward_scan`` turns each into weight gradients and
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 
 from jax_bptt.backends import ScanOptions, check_options, resolve_options
 from jax_bptt.cells import Cell, get_cell, is_token_ids, project_inputs
+from jax_bptt.deer import deer_unroll
 from jax_bptt.fast import checkpointed_scan, fast_scan
 from jax_bptt.losses import Loss, sequence_loss
 from jax_bptt.scan import (
@@ -192,7 +194,19 @@ def run_checkpointed(cell: Cell, options: ScanOptions, params, inputs, h0, lengt
     return hs, final, None
 
 
-RUNS = {"auto": run_auto, "fast": run_fast, "checkpointed": run_checkpointed}
+def run_parallel(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+    """``deer_unroll``: all steps at once by Newton over associative scans (falling back to the
+    sequential scan when it does not converge), with an exact adjoint (``jax_bptt.deer``)."""
+    hs, final, _ = deer_unroll(cell, params, inputs, h0, lengths, reverse=reverse)
+    return hs, final, None
+
+
+RUNS = {
+    "auto": run_auto,
+    "fast": run_fast,
+    "checkpointed": run_checkpointed,
+    "parallel": run_parallel,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,8 +439,9 @@ def unroll(
       key: PRNG key for the dropout masks.
       residual: ``False``, ``True`` or ``"except_first"`` (module docstring).
       mode: how ``jax.grad`` of a loss of the outputs is formed: ``"auto"`` (autodiff through
-        ``lax.scan``), ``"fast"`` (the hand-written reverse scan) or ``"checkpointed"`` (that,
-        recomputing segments: memory ``O(sqrt T)`` per recurrence besides the outputs).
+        ``lax.scan``), ``"fast"`` (the hand-written reverse scan), ``"checkpointed"`` (that,
+        recomputing segments: memory ``O(sqrt T)`` per recurrence besides the outputs) or
+        ``"parallel"`` (parallel in time, ``jax_bptt.deer``; float inputs).
       options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
       time_major: False for batch-major ``xs (B, T, D)`` and outputs ``(B, T, dirs*H)``.
 

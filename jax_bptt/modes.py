@@ -7,6 +7,10 @@
 - ``"fast"``: ``jax.value_and_grad`` with every recurrence run by ``fast_scan``, whose VJP is the
   hand-written reverse scan; autodiff handles only what lies between (readout, concatenation,
   residual add, dropout).
+- ``"parallel"``: every layer's recurrence solved for all steps at once by Newton over
+  associative scans (``jax_bptt.deer``), with an exact adjoint; meant for long sequences on
+  parallel hardware, slower than the sequential modes on a CPU
+  (``experiments/results/bench_parallel_cpu.txt``).
 - ``"checkpointed"``: memory ``O(sqrt T)``: the forward keeps only segment-boundary states. For a
   unidirectional stack the whole model (every layer, readout and loss) runs segment by segment
   under ``jax.checkpoint``; a bidirectional layer recomputes its segments per direction.
@@ -36,6 +40,7 @@ from jax_bptt.model import (
     run_auto,
     run_checkpointed,
     run_fast,
+    run_parallel,
     stack_backward,
     stack_forward,
     stack_loss,
@@ -171,13 +176,22 @@ def _checkpointed_core(params, h0, xs, targets, lengths, drops, **static):
     return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _parallel_core(params, h0, xs, targets, lengths, drops, **static):
+    loss_fn = functools.partial(stack_loss_and_finals, run=run_parallel, **static)
+    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
+
+
 CORES = {
     "auto": _auto_core,
     "manual": _manual_core,
     "fast": _fast_core,
     "checkpointed": _checkpointed_core,
+    "parallel": _parallel_core,
 }
-BPTT_MODES = tuple(CORES)
+# The four exact sequential modes; "parallel" (Newton over associative scans, jax_bptt.deer)
+# is exact at convergence and falls back to the sequential scan otherwise.
+BPTT_MODES = ("auto", "manual", "fast", "checkpointed")
 
 
 def bptt(
@@ -204,7 +218,8 @@ def bptt(
       targets: mse: ``(T, B, O)`` per step / ``(B, O)`` last step; cross_entropy: integer
         ``(T, B)`` / ``(B,)`` (``jax_bptt.losses``).
       cell: the model's cell (a name in ``jax_bptt.CELLS`` or a ``Cell``).
-      mode: ``"auto"``, ``"manual"``, ``"fast"`` or ``"checkpointed"`` (module docstring).
+      mode: ``"auto"``, ``"manual"``, ``"fast"``, ``"checkpointed"`` (module docstring) or
+        ``"parallel"`` (parallel in time, ``jax_bptt.deer``; float inputs).
       loss: a ``Loss`` (kind, placement, reduction); a string is ``Loss(kind)``.
       lengths: ``(B,)`` valid lengths; h0: initial states (default zeros).
       dropout, key, residual: as for ``jax_bptt.unroll``; the same key gives the same masks in
@@ -224,7 +239,7 @@ def bptt(
       >>> compare_gradients(manual, auto).ok
       True
     """
-    check_choice("mode", mode, BPTT_MODES)
+    check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,

@@ -46,7 +46,7 @@ from jax_bptt.checkpoints import (
     save_checkpoint,
 )
 from jax_bptt.losses import check_loss
-from jax_bptt.modes import BPTT_MODES, bptt
+from jax_bptt.modes import CORES, bptt
 from jax_bptt.truncated import Truncation, check_truncation, window_grads
 from jax_bptt.validation import RESIDUALS, check_choice
 
@@ -176,7 +176,7 @@ def make_train_step(
       optimizer: any optax ``GradientTransformation`` (e.g. ``make_optimizer("adam", 1e-3)``).
       cell, loss, residual, options: as in ``jax_bptt.bptt``; ``options=None`` keeps the
         platform's defaults (scan unroll, backward chunk).
-      mode: a name in ``jax_bptt.BPTT_MODES``.
+      mode: a name in ``jax_bptt.BPTT_MODES``, or ``"parallel"`` (``jax_bptt.deer``).
       truncation: ``(k1, k2)`` to train on truncated-BPTT windows: ``xs`` is then a window of
         ``k1 <= W <= k2`` steps whose last ``k1`` steps carry the loss, ``h0`` the states entering
         it, and ``StepInfo.carry`` the states the next window starts from
@@ -196,7 +196,7 @@ def make_train_step(
       >>> params, opt_state, info = step(params, opt.init(params), xs, ys)
     """
     cell = get_cell(cell)
-    check_choice("mode", mode, BPTT_MODES)
+    check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
     options = check_options(options)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:

@@ -52,7 +52,7 @@ from jax_bptt.model import (
     stack_forward,
     to_time_major,
 )
-from jax_bptt.modes import BPTT_MODES, CORES
+from jax_bptt.modes import CORES
 from jax_bptt.validation import check_choice, check_targets
 
 
@@ -164,7 +164,7 @@ def _window_core(
 
 
 def _check_mode_and_loss(mode, loss) -> Loss:
-    check_choice("mode", mode, BPTT_MODES)
+    check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
     if loss.placement != "per_step":
         raise ValueError(f"truncated BPTT needs loss.placement='per_step', got {loss.placement!r}")

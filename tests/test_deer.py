@@ -354,3 +354,25 @@ def test_bench_parallel_quick(tmp_path):
         if r["mode"] != "sequential" and not r.get("skipped"):
             assert r["converged"] is True and r["iterations"] >= 1 and r["ms"] > 0
     assert "quasi" in out_txt.read_text()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_parallel_mode_of_the_model_equals_auto(cell):
+    """``bptt(mode="parallel")``: every layer and direction by deer_unroll, at any depth."""
+    import jax_bptt as jb
+
+    params = jb.init_model(
+        jax.random.key(0), cell, 3, 4, 2, num_layers=2, bidirectional=True, dtype=jnp.float64
+    )
+    xs = jax.random.normal(jax.random.key(1), (8, 3, 3), jnp.float64)
+    ys = jax.random.normal(jax.random.key(2), (8, 3, 2), jnp.float64)
+    kw = dict(
+        cell=cell, lengths=jnp.array([8, 3, 0]), dropout=0.2, key=jax.random.key(3),
+        residual="except_first",
+    )  # fmt: skip
+    parallel, auto = (
+        jb.bptt(params, xs, ys, mode="parallel", **kw),
+        jb.bptt_auto(params, xs, ys, **kw),
+    )
+    for a, b in zip(jax.tree.leaves(parallel), jax.tree.leaves(auto), strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-9 * max(float(jnp.max(jnp.abs(b))), 1e-30)
