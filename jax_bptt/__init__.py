@@ -7,6 +7,7 @@ of any depth and direction. See the README for a tour.
 
 from jax_bptt.backends import Backend, ScanOptions, register_backend
 from jax_bptt.cells import CELLS, ELMAN_RELU, ELMAN_TANH, GRU, LSTM, Cell, get_cell, make_cell
+from jax_bptt.check import GradientReport, check_gradients, compare_gradients
 from jax_bptt.generate import generate, init_state, step
 from jax_bptt.losses import Loss
 from jax_bptt.model import init_model, predict, unroll

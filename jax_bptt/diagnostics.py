@@ -5,42 +5,58 @@ the state after ``t`` steps, so step ``t = 1..T`` reads ``x_t`` and ``h_{t-1}`` 
 and the loss term ``L_t``. Arrays over states have ``T + 1`` rows (row ``t`` is ``h_t``); arrays
 over steps or loss terms have ``T`` rows (row ``t - 1`` is step ``t``).
 
-Everything gradient-shaped comes from the hand-written reverse scan (``bptt.backward_deltas``):
+Everything gradient-shaped comes from the hand-written reverse scan (``scan.backward_deltas``):
 
 - ``gradient_flow``: ``dL/dh_t`` for every state and each step's contribution to every weight
   gradient, ``dW = sum_t contribution_t`` (e.g. ``dW_hh = sum_t h_{t-1}^T d hp_t``).
 - ``term_flow``: the same split by loss term: ``dL_t/dh_k`` for every ``(t, k)`` and the
   gradient of each ``L_t`` alone, one reverse scan per term (vmapped).
 
-and everything Jacobian-shaped from the forward step (``cells.step``, ``unroll.scan_states``):
+and everything Jacobian-shaped from the forward step (``cells.step``, ``scan.scan_states``):
 
 - ``jacobian_norms``: ``||dh_T/dh_t||_2`` for every ``t``, exactly (dense per-step Jacobians,
   chained) or by power iteration (JVP/VJP through the unroll, no dense Jacobian).
-- ``recurrent_spectrum``: singular values and spectral radius of each gate block of ``W_hh``.
+- ``recurrent_spectrum``: singular values and spectral radius of each gate block of ``W_hh``;
+  ``scale_recurrent`` rescales those blocks.
 
-The per-step ``d state`` is ``Deltas.d_states``, stacked by the reverse scan itself.
+Which models: all take ``init_model`` params. ``gradient_flow``, ``term_flow`` and
+``jacobian_norms`` analyse ONE recurrence, so they take a model of one unidirectional layer
+(``init_model(..., num_layers=1, bidirectional=False)``) and raise a ``ValueError`` for any
+other: in a stack, ``dL/dh_t`` of a layer mixes the paths through the layers above and the other
+direction, which is not the single chain of Jacobians these functions expose (``jax_bptt.bptt``
+gives any model's gradients). ``recurrent_spectrum`` and ``scale_recurrent`` look at the weights
+alone, so they apply to any layer and direction (``layer=``, ``direction=``).
+
+The per-step ``d state`` is ``Deltas.d_states``, stacked by the reverse scan itself. States are
+passed as everywhere in the package (``h0 = [{"fwd": state}]``); the per-state outputs
+(``Flow.d_states``) are the one recurrence's state pytree with leading axes.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bptt.bptt import (
+from jax_bptt.backends import ScanOptions
+from jax_bptt.cells import Cell, elman_cell, get_cell, is_token_ids, project_inputs, step
+from jax_bptt.losses import Loss, check_loss, sequence_loss, sequence_loss_grad
+from jax_bptt.model import Prepared, prepare, readout
+from jax_bptt.scan import (
     Deltas,
     backward_deltas,
     cell_grads,
-    forward_pass,
-    prepare,
+    length_mask,
+    masked,
+    masked_hidden,
     previous_states,
+    scan_states,
 )
-from jax_bptt.cells import Cell, elman_cell, get_cell, project_inputs, step
-from jax_bptt.unroll import length_mask, scan_states
-from jax_bptt.validation import check_choice, check_inputs
+from jax_bptt.validation import DIRECTIONS, check_choice, check_params, check_targets
 
 Array = jax.Array
 
@@ -50,16 +66,21 @@ LINEAR = elman_cell("linear", lambda z: z, jnp.ones_like)
 
 GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 JACOBIAN_METHODS = ("exact", "power")
-_LOSS_STATIC = ("cell", "loss", "placement", "reduction")
+SINGLE_RECURRENCE = ("gradient_flow", "term_flow", "jacobian_norms")
 
 
 class Flow(NamedTuple):
     """The backward pass of one batch, step by step.
 
-    ``d_states``: state pytree, leaves ``(T+1, B, H)``: ``dL/d state_t`` (row 0 is ``h_0``).
-    ``d_hidden``: ``(T+1, B, H)``, the hidden part of ``d_states`` (``dL/dh_t``).
-    ``steps``: the model params' structure with a leading ``(T,)`` axis on every leaf: step
-    ``t``'s term of each weight gradient; summed over axis 0 it is the full gradient.
+    Attributes:
+      loss: the model's loss (``bptt(...).loss``).
+      d_states: the recurrence's state pytree, leaves ``(T+1, B, H)``: ``dL/d state_t`` (row 0
+        is ``bptt(...).h0[0]["fwd"]``).
+      d_hidden: ``(T+1, B, H)``, the hidden part of ``d_states`` (``dL/dh_t``).
+      steps: the model params' structure (``{"layers": [{"fwd": ...}], "readout": ...}``) with a
+        leading ``(T,)`` axis on every leaf: step ``t``'s term of each weight gradient; summed
+        over axis 0 it is ``bptt(...).params``.
+
     Unbatched inputs drop the ``B`` axis.
     """
 
@@ -72,10 +93,13 @@ class Flow(NamedTuple):
 class TermFlow(NamedTuple):
     """The backward pass split by loss term ``L = sum_t L_t``.
 
-    ``d_states``/``d_hidden``: leaves ``(T, T+1, B, H)``: ``dL_t/d state_k`` at ``[t-1, k]``
-    (exactly zero for ``k > t``: ``L_t`` does not depend on later states).
-    ``terms``: the model params' structure with a leading ``(T,)`` axis: the gradient of
-    ``L_t`` alone; summed over axis 0 it is the full gradient.
+    Attributes:
+      d_states, d_hidden: leaves ``(T, T+1, B, H)``: ``dL_t/d state_k`` at ``[t-1, k]``
+        (exactly zero for ``k > t``: ``L_t`` does not depend on later states).
+      terms: the model params' structure with a leading ``(T,)`` axis: the gradient of ``L_t``
+        alone; summed over axis 0 it is the full gradient.
+
+    Unbatched inputs drop the ``B`` axis.
     """
 
     d_states: Any
@@ -92,27 +116,100 @@ class BlockSpectrum(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _one_recurrence(function: str, params, xs, *, cell, lengths, h0) -> Prepared:
+    """``model.prepare`` for a single-recurrence diagnostic, which needs one forward layer."""
+    run = prepare(
+        params, xs, cell=cell, lengths=lengths, h0=h0, dropout=0.0, key=None, residual=False,
+        options=None,
+    )  # fmt: skip
+    if run.shape.num_layers != 1 or run.shape.directions != ("fwd",):
+        raise ValueError(
+            f"{function} analyses one recurrence: it takes a model of one unidirectional layer "
+            f"(init_model(..., num_layers=1, bidirectional=False)), got {run.shape.num_layers} "
+            f"layer(s) with directions {list(run.shape.directions)}. "
+            f"{', '.join(SINGLE_RECURRENCE)} apply to such models only; recurrent_spectrum and "
+            "scale_recurrent take any model (layer=, direction=), and jax_bptt.bptt gives any "
+            "model's gradients"
+        )
+    return run
+
+
+def _model_targets(run: Prepared, targets, loss: Loss):
+    num_steps, batch_size = run.batch.xs.shape[:2]
+    return check_targets(
+        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
+        run.batch.lengths,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # The backward pass, recorded
 
 
-def _backward_with_states(cell: Cell, params, h0, mask, states, residuals, d_hs):
+class _Forward(NamedTuple):
+    loss: Array
+    mask: Array | None
+    states: Any
+    saved: Any
+    hs: Array  # (t b h)
+    d_ys: Array  # (t b o)
+    d_hs: Array  # (t b h)
+
+
+def _forward(params, h0, xs, targets, lengths, loss: Loss, cell: Cell, unroll) -> _Forward:
+    """The recurrence (keeping states and saved values), the readout at every step, the loss and
+    ``dL/dy`` by hand. ``"last_step"`` counts only ``t = length - 1`` (``losses.term_weights``),
+    which for one unidirectional layer is the model's summary (``model.last_step_summary``)."""
+    p, ro = params["layers"][0]["fwd"], params["readout"]
+    mask = length_mask(lengths, xs.shape[0])
+    _, (states, saved) = scan_states(cell, p, project_inputs(p, xs), h0, mask, unroll=unroll)
+    hs = masked_hidden(cell, states, mask)
+    ys = readout(ro, hs)
+    d_ys = sequence_loss_grad(ys, targets, loss, lengths)
+    value = sequence_loss(ys, targets, loss, lengths)
+    return _Forward(value, mask, states, saved, hs, d_ys, d_ys @ ro["W_hy"].T)
+
+
+def _backward_with_states(cell: Cell, params, h0, fwd: _Forward, d_hs, unroll):
     """``(d_states, deltas)``: ``d_states`` leaves ``(T+1, b, h)``, row 0 ``dL/dh_0``."""
     d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
-    deltas = backward_deltas(cell, params, h0, mask, states, residuals, d_hs, d_final)
+    deltas = backward_deltas(
+        cell, params, h0, fwd.mask, fwd.states, fwd.saved, d_hs, d_final, unroll=unroll
+    )
     d_states = jax.tree_util.tree_map(
         lambda d0, d: jnp.concatenate([d0[None], d]), deltas.d_h0, deltas.d_states
     )
     return d_states, deltas
 
 
-def _per_step_cell_grads(cell: Cell, xs, deltas: Deltas) -> dict:
-    """``cell_grads`` without the sum over t: ``x_t^T d xp_t``, ``h_{t-1}^T d hp_t``, biases."""
-    per_step_biases = jax.vmap(cell.bias_grads)(deltas.d_xp.sum(1), deltas.d_hp.sum(1))
-    return {
-        "W_xh": jnp.einsum("tbd,tbg->tdg", xs, deltas.d_xp),
-        "W_hh": jnp.einsum("tbh,tbg->thg", deltas.h_prev, deltas.d_hp),
-        **per_step_biases,
-    }
+def _per_step_cell_grads(cell: Cell, params, h0, xs, fwd: _Forward, deltas: Deltas) -> dict:
+    """``cell_grads`` without the sum over t: ``x_t^T d xp_t``, ``h_{t-1}^T d hp_t``, biases
+    (token ids: ``d xp_t`` scattered into the rows ``x_t``), and a cell's pointwise params (its
+    backward once more per step, on the ``d state_t`` the reverse scan recorded)."""
+    per_step = jax.vmap(cell.bias_grads)(deltas.d_xp.sum(1), deltas.d_hp.sum(1))
+    if is_token_ids(xs):
+        steps = jnp.broadcast_to(jnp.arange(xs.shape[0])[:, None], xs.shape)
+        w_xh = jnp.zeros((xs.shape[0], *params["W_xh"].shape), deltas.d_xp.dtype)
+        per_step["W_xh"] = w_xh.at[steps, xs].add(deltas.d_xp)
+    else:
+        per_step["W_xh"] = jnp.einsum("tbd,tbg->tdg", xs, deltas.d_xp)
+    per_step["W_hh"] = jnp.einsum("tbh,tbg->thg", deltas.h_prev, deltas.d_hp)
+    if cell.pointwise_params:
+        d_steps = deltas.d_states
+        if fwd.mask is not None:  # frozen rows give params no gradient (as in backward_deltas)
+            d_steps = jax.tree_util.tree_map(
+                lambda d: jnp.where(fwd.mask[..., None], d, 0), d_steps
+            )
+
+        def pointwise(saved_t, prev_t, d_t):
+            return cell.backward(params, saved_t, prev_t, d_t)[3]
+
+        states_prev = previous_states(h0, fwd.states)
+        per_step.update(jax.vmap(pointwise)(fwd.saved, states_prev, d_steps))
+    return per_step
 
 
 def _per_step_readout_grads(hs, d_ys) -> dict:
@@ -120,89 +217,101 @@ def _per_step_readout_grads(hs, d_ys) -> dict:
     return {"W_hy": jnp.einsum("tbh,tbo->tho", hs, d_ys), "b_y": d_ys.sum(1)}
 
 
-@functools.partial(jax.jit, static_argnames=_LOSS_STATIC)
-def _flow_core(params, h0, xs, targets, lengths, **static) -> Flow:
-    cell = static["cell"]
-    fwd = forward_pass(params, h0, xs, targets, lengths, **static)
-    d_states, deltas = _backward_with_states(
-        cell, params["cell"], h0, fwd.mask, fwd.states, fwd.residuals, fwd.d_hs
-    )
+_STATIC = ("cell", "loss", "options")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _flow_core(params, h0, xs, targets, lengths, *, cell: Cell, loss: Loss, options) -> Flow:
+    p = params["layers"][0]["fwd"]
+    xs = masked(length_mask(lengths, xs.shape[0]), xs)  # padding reaches nothing (as the model)
+    fwd = _forward(params, h0, xs, targets, lengths, loss, cell, options.unroll)
+    d_states, deltas = _backward_with_states(cell, p, h0, fwd, fwd.d_hs, options.unroll)
     steps = {
-        "cell": _per_step_cell_grads(cell, xs, deltas),
+        "layers": [{"fwd": _per_step_cell_grads(cell, p, h0, xs, fwd, deltas)}],
         "readout": _per_step_readout_grads(fwd.hs, fwd.d_ys),
     }
     return Flow(fwd.loss, d_states, cell.hidden(d_states), steps)
 
 
-@functools.partial(jax.jit, static_argnames=_LOSS_STATIC)
-def _term_flow_core(params, h0, xs, targets, lengths, **static) -> TermFlow:
-    cell = static["cell"]
-    fwd = forward_pass(params, h0, xs, targets, lengths, **static)
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _term_flow_core(params, h0, xs, targets, lengths, *, cell: Cell, loss: Loss, options):
+    p = params["layers"][0]["fwd"]
+    xs = masked(length_mask(lengths, xs.shape[0]), xs)
+    fwd = _forward(params, h0, xs, targets, lengths, loss, cell, options.unroll)
     num_steps = xs.shape[0]
 
     def one_term(index):
         picked = (jnp.arange(num_steps) == index)[:, None, None]
-        d_states, deltas = _backward_with_states(
-            cell,
-            params["cell"],
-            h0,
-            fwd.mask,
-            fwd.states,
-            fwd.residuals,
-            jnp.where(picked, fwd.d_hs, 0),
-        )
-        return d_states, cell_grads(cell, params["cell"], xs, deltas)[0]
+        d_hs = jnp.where(picked, fwd.d_hs, 0)
+        d_states, deltas = _backward_with_states(cell, p, h0, fwd, d_hs, options.unroll)
+        return d_states, cell_grads(cell, p, xs, deltas)[0]
 
     d_states, d_cell = jax.vmap(one_term)(jnp.arange(num_steps))
     # The readout sees L_t only through y_t: its term-t gradient is its step-t term.
-    terms = {"cell": d_cell, "readout": _per_step_readout_grads(fwd.hs, fwd.d_ys)}
+    terms = {"layers": [{"fwd": d_cell}], "readout": _per_step_readout_grads(fwd.hs, fwd.d_ys)}
     return TermFlow(d_states, cell.hidden(d_states), terms)
 
 
-def _validated(core, unbatch_axis):
-    """Wrap a core with the core API's validation (``bptt.prepare``); drop the batch axis of
-    state-shaped outputs for unbatched inputs."""
-
-    @functools.wraps(core)
-    def run(
-        params,
-        xs,
-        targets,
-        *,
-        cell,
-        loss="mse",
-        placement="per_step",
-        reduction="mean",
-        lengths=None,
-        h0=None,
-    ):
-        static = dict(loss=loss, placement=placement, reduction=reduction)
-        cell, batch = prepare(params, xs, targets, cell=cell, lengths=lengths, h0=h0, **static)
-        out = core(params, batch.h0, batch.xs, batch.targets, batch.lengths, cell=cell, **static)
-        if batch.batched:
-            return out
-        unbatch = functools.partial(jax.tree_util.tree_map, lambda a: jnp.take(a, 0, unbatch_axis))
-        return out._replace(d_states=unbatch(out.d_states), d_hidden=unbatch(out.d_hidden))
-
-    return run
+def _drop_batch_axis(out, axis: int):
+    take = functools.partial(jax.tree_util.tree_map, lambda a: jnp.take(a, 0, axis))
+    return out._replace(d_states=take(out.d_states), d_hidden=take(out.d_hidden))
 
 
-gradient_flow = _validated(_flow_core, unbatch_axis=1)
-gradient_flow.__doc__ = """The backward pass step by step: ``Flow(loss, d_states, d_hidden, steps)``
-for the model's loss.
+def gradient_flow(
+    params, xs, targets, *, cell, loss: Loss | str = "mse", lengths=None, h0=None
+) -> Flow:
+    """The backward pass step by step, for a model of one unidirectional layer.
 
-Same arguments as ``bptt_manual`` (params, xs, targets, cell, loss, placement, reduction,
-lengths, h0). ``||dL/dh_t||`` per sequence is ``jnp.linalg.norm(flow.d_hidden, axis=-1)``;
-``flow.steps["cell"]["W_hh"][t - 1]`` is ``h_{t-1}^T d hp_t``, step t's term of ``dW_hh``.
-"""
+    Args:
+      params: ``init_model(..., num_layers=1, bidirectional=False)`` params.
+      xs: ``(T, B, D)`` inputs (or ``(T, D)``), in the params' dtype.
+      targets: as for ``bptt`` (``jax_bptt.losses``).
+      cell: the model's cell (a name in ``jax_bptt.CELLS`` or a ``Cell``).
+      loss: a ``Loss`` (kind, placement, reduction); a string is ``Loss(kind)``.
+      lengths: ``(B,)`` valid lengths, default all ``T``.
+      h0: ``[{"fwd": state}]``, default zeros.
 
-term_flow = _validated(_term_flow_core, unbatch_axis=2)
-term_flow.__doc__ = """The backward pass per loss term: ``TermFlow(d_states, d_hidden, terms)``.
+    Returns:
+      ``Flow(loss, d_states, d_hidden, steps)``: ``||dL/dh_t||`` per sequence is
+      ``jnp.linalg.norm(flow.d_hidden, axis=-1)``; ``flow.steps["layers"][0]["fwd"]["W_hh"][t-1]``
+      is ``h_{t-1}^T d hp_t``, step t's term of ``dW_hh``.
 
-Same arguments as ``bptt_manual``. ``jnp.linalg.norm(tf.d_hidden, axis=-1)[t - 1, k]`` is
-``||dL_t/dh_k||`` per sequence; ``tf.terms`` sums over axis 0 to the full gradient. Costs T
-reverse scans (vmapped): for short sequences.
-"""
+    Raises:
+      ValueError: for a model of more than one layer or a bidirectional one (module docstring),
+        and for inputs ``bptt`` would reject.
+    """
+    loss = check_loss(loss)
+    run = _one_recurrence("gradient_flow", params, xs, cell=cell, lengths=lengths, h0=h0)
+    out = _flow_core(
+        params, run.batch.h0[0]["fwd"], run.batch.xs, _model_targets(run, targets, loss),
+        run.batch.lengths, cell=run.cell, loss=loss, options=run.options,
+    )  # fmt: skip
+    return out if run.batch.batched else _drop_batch_axis(out, 1)
+
+
+def term_flow(
+    params, xs, targets, *, cell, loss: Loss | str = "mse", lengths=None, h0=None
+) -> TermFlow:
+    """The backward pass per loss term, for a model of one unidirectional layer.
+
+    Args:
+      params, xs, targets, cell, loss, lengths, h0: as for ``gradient_flow``.
+
+    Returns:
+      ``TermFlow(d_states, d_hidden, terms)``: ``jnp.linalg.norm(tf.d_hidden, axis=-1)[t-1, k]``
+      is ``||dL_t/dh_k||`` per sequence; ``tf.terms`` sums over axis 0 to the full gradient.
+      Costs T reverse scans (vmapped): for short sequences.
+
+    Raises:
+      ValueError: as ``gradient_flow``.
+    """
+    loss = check_loss(loss)
+    run = _one_recurrence("term_flow", params, xs, cell=cell, lengths=lengths, h0=h0)
+    out = _term_flow_core(
+        params, run.batch.h0[0]["fwd"], run.batch.xs, _model_targets(run, targets, loss),
+        run.batch.lengths, cell=run.cell, loss=loss, options=run.options,
+    )  # fmt: skip
+    return out if run.batch.batched else _drop_batch_axis(out, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,14 +335,19 @@ def _drop_batch(state):
     return jax.tree_util.tree_map(lambda a: a[0], state)
 
 
-@functools.partial(jax.jit, static_argnames=("cell",))
-def _exact_norms(params, h0, xs, lengths, *, cell: Cell):
+def _full_mask(lengths, num_steps: int, batch_size: int) -> Array:
+    mask = length_mask(lengths, num_steps)
+    return jnp.ones((num_steps, batch_size), bool) if mask is None else mask
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "options"))
+def _exact_norms(params, h0, xs, lengths, *, cell: Cell, options: ScanOptions):
     num_steps, batch_size = xs.shape[:2]
     hidden_size = params["W_hh"].shape[0]
-    mask = length_mask(lengths, num_steps)
-    if mask is None:
-        mask = jnp.ones((num_steps, batch_size), bool)
-    _, (states, _) = scan_states(cell, params, project_inputs(params, xs), h0, mask)
+    mask = _full_mask(lengths, num_steps, batch_size)
+    xs = masked(mask, xs)
+    xp = project_inputs(params, xs)
+    _, (states, _) = scan_states(cell, params, xp, h0, mask, unroll=options.unroll)
     states_prev = previous_states(h0, states)
     flatten, unflatten = _flat_state_maps(_drop_batch(h0))
     state_size = flatten(_drop_batch(h0)).shape[-1]
@@ -274,14 +388,12 @@ def _unit_rows(v):
     return v / jnp.where(norm > 0, norm, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "num_iters"))
-def _power_norms(params, h0, xs, lengths, key, *, cell: Cell, num_iters: int):
+@functools.partial(jax.jit, static_argnames=("cell", "options", "num_iters"))
+def _power_norms(params, h0, xs, lengths, key, *, cell: Cell, options, num_iters: int):
     num_steps, batch_size = xs.shape[:2]
-    mask = length_mask(lengths, num_steps)
-    if mask is None:
-        mask = jnp.ones((num_steps, batch_size), bool)
-    xp = project_inputs(params, xs)
-    _, (states, _) = scan_states(cell, params, xp, h0, mask)
+    mask = _full_mask(lengths, num_steps, batch_size)
+    xp = project_inputs(params, masked(mask, xs))
+    _, (states, _) = scan_states(cell, params, xp, h0, mask, unroll=options.unroll)
     all_states = jax.tree_util.tree_map(lambda a0, a: jnp.concatenate([a0[None], a]), h0, states)
     start = _unit_rows(jax.random.normal(key, cell.hidden(h0).shape, xs.dtype))
 
@@ -291,7 +403,9 @@ def _power_norms(params, h0, xs, lengths, key, *, cell: Cell, num_iters: int):
         running = mask & (jnp.arange(num_steps) >= t)[:, None]
 
         def propagate(h):
-            final, _ = scan_states(cell, params, xp, cell.with_hidden(state_t, h), running)
+            final, _ = scan_states(
+                cell, params, xp, cell.with_hidden(state_t, h), running, unroll=options.unroll
+            )
             return cell.hidden(final)
 
         h_t = cell.hidden(state_t)
@@ -307,76 +421,119 @@ def _power_norms(params, h0, xs, lengths, key, *, cell: Cell, num_iters: int):
     return jax.vmap(norm_from)(jnp.arange(num_steps + 1), all_states)
 
 
-def _check_cell_params(cell_params) -> None:
-    if not isinstance(cell_params, dict) or "W_hh" not in cell_params:
-        raise TypeError(
-            "cell_params must be a cell's params dict with 'W_xh', 'W_hh', 'b_h' "
-            f"(init_model(...)['cell']), got {type(cell_params).__name__}"
-            + (f" with keys {sorted(cell_params)}" if isinstance(cell_params, dict) else "")
-        )
-
-
 def jacobian_norms(
-    cell, cell_params, xs, h0=None, lengths=None, *, method="exact", num_iters=100, key=None
-) -> Array:
-    """``||dh_T/dh_t||_2`` (spectral norm) for ``t = 0..T``: ``(T+1, B)``, or ``(T+1,)`` unbatched.
+    params, xs, *, cell, h0=None, lengths=None, method: str = "exact", num_iters: int = 100,
+    key=None,
+) -> Array:  # fmt: skip
+    """``||dh_T/dh_t||_2`` (spectral norm) for ``t = 0..T``, for a model of one unidirectional
+    layer.
 
     ``h_T`` is each sequence's last state (its length's); for the LSTM the Jacobian is the
     ``h -> h`` block of the full state Jacobian (``c_t`` held fixed). Row ``T`` is 1.
 
     Args:
-      cell, cell_params, xs, h0, lengths: as for ``unroll``.
+      params: ``init_model(..., num_layers=1, bidirectional=False)`` params (the readout is not
+        used).
+      xs, cell, h0, lengths: as for ``jax_bptt.unroll`` (``h0 = [{"fwd": state}]``).
       method: ``"exact"``: dense per-step state Jacobians (``jax.jacfwd``) chained; memory
         ``T * B * S^2`` for state size ``S`` (H, 2H for the LSTM), so for small H.
         ``"power"``: ``num_iters`` power iterations on ``J^T J`` with ``jax.linearize`` and its
         transpose through the unroll from step t; no dense Jacobian.
+      num_iters: power iterations (``method="power"``), an int >= 1.
       key: PRNG key of the power iteration's start vector (default ``jax.random.key(0)``).
+
+    Returns:
+      ``(T+1, B)`` norms, or ``(T+1,)`` for unbatched ``xs``.
+
+    Raises:
+      ValueError: for a model of more than one layer or a bidirectional one (module docstring),
+        a bad ``method`` or ``num_iters``, and inputs ``jax_bptt.unroll`` would reject.
     """
-    cell = get_cell(cell)
-    _check_cell_params(cell_params)
     check_choice("method", method, JACOBIAN_METHODS)
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
-    batch = check_inputs(cell, cell_params, xs, h0, lengths)
-    state0 = batch.h0
+    run = _one_recurrence("jacobian_norms", params, xs, cell=cell, lengths=lengths, h0=h0)
+    args = (params["layers"][0]["fwd"], run.batch.h0[0]["fwd"], run.batch.xs, run.batch.lengths)
     if method == "exact":
-        norms = _exact_norms(cell_params, state0, batch.xs, batch.lengths, cell=cell)
+        norms = _exact_norms(*args, cell=run.cell, options=run.options)
     else:
         key = jax.random.key(0) if key is None else key
-        norms = _power_norms(
-            cell_params, state0, batch.xs, batch.lengths, key, cell=cell, num_iters=num_iters
-        )
-    return norms if batch.batched else norms[:, 0]
+        norms = _power_norms(*args, key, cell=run.cell, options=run.options, num_iters=num_iters)
+    return norms if run.batch.batched else norms[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
 # The recurrent weights
 
 
-def _gate_blocks(cell: Cell, cell_params) -> list[tuple[str, Array]]:
-    _check_cell_params(cell_params)
-    w_hh = cell_params["W_hh"]
-    hidden_size = w_hh.shape[0]
-    names = GATE_NAMES.get(cell.name, tuple(f"block{k}" for k in range(cell.num_gates)))
+def _gate_names(cell: Cell) -> tuple[str, ...]:
     if cell.num_gates == 1:
-        names = ("W_hh",)
+        return ("W_hh",)
+    return GATE_NAMES.get(cell.name, tuple(f"block{k}" for k in range(cell.num_gates)))
+
+
+def _gate_blocks(cell: Cell, w_hh) -> list[tuple[str, Array]]:
+    hidden_size = w_hh.shape[0]
     return [
-        (name, w_hh[:, k * hidden_size : (k + 1) * hidden_size]) for k, name in enumerate(names)
+        (name, w_hh[:, k * hidden_size : (k + 1) * hidden_size])
+        for k, name in enumerate(_gate_names(cell))
     ]
 
 
-def recurrent_spectrum(cell, cell_params) -> list[BlockSpectrum]:
-    """Singular values and spectral radius of each ``(H, H)`` gate block of ``W_hh``.
-
-    One block (``"W_hh"``) for Elman cells; ``i, f, g, o`` for the LSTM; ``r, z, n`` for the GRU.
-    """
+def _selected(params, cell, layer, direction, *, allow_all: bool):
+    """Validate the model once; return ``(cell, [(layer index, direction name), ...])``."""
     cell = get_cell(cell)
+    shape = check_params(params, cell)
+    if layer is None and allow_all:
+        layers = range(shape.num_layers)
+    else:
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, numbers.Integral)
+            or not -shape.num_layers <= layer < shape.num_layers
+        ):
+            raise ValueError(
+                f"layer must be an int in [0, {shape.num_layers}) for this "
+                f"{shape.num_layers}-layer model{' (or None: every layer)' if allow_all else ''}"
+                f", got {layer!r}"
+            )
+        layers = [int(layer) % shape.num_layers]
+    if direction is None and allow_all:
+        directions = shape.directions
+    else:
+        names = tuple(name for name, _ in DIRECTIONS)
+        check_choice("direction", direction, names)
+        if direction not in shape.directions:
+            raise ValueError(
+                f"direction {direction!r} is not in this model (directions "
+                f"{list(shape.directions)}: init_model(..., bidirectional=True) has 'bwd')"
+            )
+        directions = (direction,)
+    return cell, [(i, name) for i in layers for name in directions]
+
+
+def recurrent_spectrum(
+    params, *, cell, layer: int = 0, direction: str = "fwd"
+) -> list[BlockSpectrum]:
+    """Singular values and spectral radius of each ``(H, H)`` gate block of one ``W_hh``.
+
+    Args:
+      params: ``init_model`` params, any depth and direction.
+      cell: the model's cell.
+      layer: which layer (negative counts from the top).
+      direction: ``"fwd"`` or ``"bwd"`` (bidirectional models).
+
+    Returns:
+      One ``BlockSpectrum(name, singular_values, spectral_radius)`` per gate block: ``"W_hh"``
+      for Elman cells; ``i, f, g, o`` for the LSTM; ``r, z, n`` for the GRU.
+    """
+    cell, ((index, name),) = _selected(params, cell, layer, direction, allow_all=False)
     blocks = []
-    for name, block in _gate_blocks(cell, cell_params):
+    for block_name, block in _gate_blocks(cell, params["layers"][index][name]["W_hh"]):
         matrix = np.asarray(block, np.float64)
         blocks.append(
             BlockSpectrum(
-                name,
+                block_name,
                 np.linalg.svd(matrix, compute_uv=False),
                 float(np.max(np.abs(np.linalg.eigvals(matrix)))),
             )
@@ -384,12 +541,45 @@ def recurrent_spectrum(cell, cell_params) -> list[BlockSpectrum]:
     return blocks
 
 
-def scale_recurrent(cell, cell_params, top_singular_value: float) -> dict:
-    """A copy of ``cell_params`` with each gate block of ``W_hh`` rescaled so that its largest
-    singular value is ``top_singular_value``."""
-    cell = get_cell(cell)
-    scaled = [
-        block * (top_singular_value / jnp.linalg.norm(block, ord=2))
-        for _, block in _gate_blocks(cell, cell_params)
-    ]
-    return {**cell_params, "W_hh": jnp.concatenate(scaled, axis=1)}
+@functools.partial(jax.jit, static_argnames=("cell", "selected"))
+def _scale_core(params, top_singular_value, *, cell: Cell, selected):
+    layers = [dict(layer) for layer in params["layers"]]
+    for index, name in selected:
+        p = layers[index][name]
+        scaled = []
+        for _, block in _gate_blocks(cell, p["W_hh"]):
+            norm = jnp.linalg.norm(block, ord=2)
+            scaled.append(block * jnp.where(norm > 0, top_singular_value / norm, 0))
+        layers[index][name] = {**p, "W_hh": jnp.concatenate(scaled, axis=1)}
+    return {**params, "layers": layers}
+
+
+def scale_recurrent(
+    params, top_singular_value: float, *, cell, layer: int | None = None,
+    direction: str | None = None,
+) -> dict:  # fmt: skip
+    """A copy of ``params`` with each gate block of ``W_hh`` rescaled so that its largest
+    singular value is ``top_singular_value`` (a zero block stays zero).
+
+    Args:
+      params: ``init_model`` params, any depth and direction.
+      top_singular_value: the new largest singular value of every selected block (>= 0).
+      cell: the model's cell.
+      layer: the layer to rescale (None: every layer).
+      direction: ``"fwd"`` or ``"bwd"`` (None: every direction).
+
+    Returns:
+      The params with the selected ``W_hh`` rescaled; every other leaf is unchanged.
+    """
+    if isinstance(top_singular_value, bool) or not (
+        isinstance(top_singular_value, numbers.Real)
+        or (hasattr(top_singular_value, "dtype") and np.ndim(top_singular_value) == 0)
+    ):
+        raise TypeError(f"top_singular_value must be a scalar, got {top_singular_value!r}")
+    if isinstance(top_singular_value, numbers.Real) and not top_singular_value >= 0:
+        raise ValueError(f"top_singular_value must be >= 0, got {top_singular_value!r}")
+    cell, selected = _selected(params, cell, layer, direction, allow_all=True)
+    dtype = params["layers"][0]["fwd"]["W_hh"].dtype
+    return _scale_core(
+        params, jnp.asarray(top_singular_value, dtype), cell=cell, selected=tuple(selected)
+    )
