@@ -49,7 +49,7 @@ def test_char_lm_quick(tmp_path, capsys):
     for name in ("config.json", "metrics.jsonl", "samples.txt", "summary.json", "loss_curve.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["bptt_mode"] == "auto"
+    assert saved["bptt_mode"] == "fast"
     assert saved["truncation"]["k1"] == saved["truncation"]["k2"] == char_lm.QUICK["k1"]
     assert saved["steps"] == char_lm.QUICK["steps"] and not saved["stopped_early"]
     assert math.isfinite(summary["final_val_nats"])
@@ -57,14 +57,16 @@ def test_char_lm_quick(tmp_path, capsys):
     assert 2.0 < summary["baselines_nats"]["bigram"] < summary["baselines_nats"]["unigram"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert {r["kind"] for r in records} == {"train", "eval"}
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, last, again = capsys.readouterr().out.strip().splitlines()
     assert last.startswith("done: 30 of 30 steps; final validation") and "time limit" not in last
+    assert " steps/s; outputs in " in last
+    assert again == f"sample again: python experiments/char_lm.py --sample --out {out}"
 
     with pytest.raises(SystemExit, match="not empty"):  # never overwrite a finished run
         _quick(char_lm, out)
     capsys.readouterr()
     line = _error_line(capsys, lambda: _quick(char_lm, out, "--resume", "--bptt", "manual"))
-    assert "bptt: 'auto' -> 'manual'" in line
+    assert "bptt: 'fast' -> 'manual'" in line
     line = _error_line(capsys, lambda: _quick(char_lm, out, "--resume", "--layers", "2"))
     assert "layers: 1 -> 2" in line  # a 1-layer run stays 1-layer
     samples = (out / "samples.txt").read_text()
@@ -130,7 +132,7 @@ def test_char_lm_resume_keeps_one_sample_per_evaluation(tmp_path, monkeypatch, c
     capsys.readouterr()
     stopped = _quick(char_lm, out, *flags, "--resume", "--max-minutes", "1e-9")
     assert stopped["stopped_early"] and stopped["steps"] == 21
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    last = capsys.readouterr().out.strip().splitlines()[-2]
     assert last.startswith("stopped by the time limit at step 21 of 30")
     assert "--resume --out" in last and "final validation" in last
     assert _sample_steps(out) == _eval_steps(out) == [5, 10, 15, 20, 21]
