@@ -134,9 +134,11 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
     num_steps, batch_size = xs.shape[:2]
     segment_length = options.segment_length
     num_segments = -(-num_steps // segment_length)
-    if lengths is None and num_segments * segment_length > num_steps:  # mask the padding
-        lengths = jnp.full((batch_size,), num_steps)
     per_step = loss.placement == "per_step"
+    padded = num_segments * segment_length > num_steps
+    if lengths is None and (padded or not per_step):
+        # the padding must be masked, and a segment finds the last step only by its local length
+        lengths = jnp.full((batch_size,), num_steps)
     split = functools.partial(
         split_segments, num_segments=num_segments, segment_length=segment_length
     )
