@@ -5,15 +5,15 @@ On a GPU with a small hidden size each time step is tiny and the cost is the loo
 forward recurrence (and the whole backward delta recurrence) in one launch: the grid is over batch
 blocks, each program loads ``W_hh`` once and keeps it on chip while a ``fori_loop`` walks the T
 steps. The input projection ``x @ W_xh`` and the weight-gradient GEMMs stay outside (one big GEMM
-each, see ``jax_bptt.bptt.cell_grads``).
+each, see ``jax_bptt.scan.cell_grads``).
 
 The two entry points have exactly the signatures of the XLA versions, so they plug in as a backend:
 
     pallas_scan_states(cell, params, xp, h0, mask=None, reverse=False, unroll=1)
-        == jax_bptt.unroll.scan_states          -> (final_state, (states, residuals))
-    pallas_backward_deltas(cell, params, h0, mask, states, residuals, d_hs, d_final, *,
+        == jax_bptt.scan.scan_states            -> (final_state, (states, saved))
+    pallas_backward_deltas(cell, params, h0, mask, states, saved, d_hs, d_final, *,
                            reverse=False, unroll=1)
-        == jax_bptt.bptt.backward_deltas        -> Deltas
+        == jax_bptt.scan.backward_deltas        -> Deltas
 
 Only the loop, the loads/stores and the ``h @ W_hh`` / ``d_hp @ W_hh^T`` dots are kernel code; the
 pointwise math is each cell's own ``cell.forward`` / ``cell.backward``. Pallas' Triton lowering
@@ -27,7 +27,7 @@ Hidden-size plan. A program holds ``W_hh`` (``H * G*H`` elements) on chip for al
 must fit one SM's shared memory (227 KiB per block on an H100). ``on_chip_bytes`` estimates what
 a program holds and ``fits_on_chip`` compares it with ``ON_CHIP_BUDGET_BYTES``; the only
 calibration so far is one H100 observation (Elman fp32: H=128 compiled and ran, H=256 exceeded
-shared memory). Beyond the budget ``choose_backend`` answers ``"xla"`` (the XLA fast path); the
+shared memory). Beyond the budget ``preferred_backend`` answers ``"xla"`` (the XLA fast path); the
 storage of ``W_hh`` in bfloat16 with float32 accumulation (``make_pallas_backend(weight_dtype=
 jnp.bfloat16)``) halves the resident bytes at the cost of bf16 rounding of ``h`` and ``W_hh``.
 
@@ -36,14 +36,17 @@ which is how the tests check it; they also lower both kernels for the cuda platf
 runs Pallas' whole Triton lowering (not the PTX compile, so shared-memory and register limits are
 only seen on a GPU). On a GPU the kernels go through Triton (``compiler_params`` selects it: the
 default Mosaic GPU lowering has no rules for these dots). GPU timings are not measured yet (see
-``choose_backend`` and ``experiments/bench_pallas.py``).
+``preferred_backend`` and ``experiments/bench_pallas.py``).
 
-As a ``jax_bptt.fast`` backend (``d_states``, per-step ``dL/d state`` for diagnostics, is not
-needed for gradients)::
+As the ``"pallas"`` backend of the fast path: ``jax_bptt.backends`` imports this module the
+first time ``get_backend("pallas")`` is called and builds the ``Backend`` from
+``make_pallas_backend(with_d_states=False)`` (``d_states``, per-step ``dL/d state`` for
+diagnostics, is not needed for gradients); ``ScanOptions(backend="auto")`` asks
+``preferred_backend``. Any model call then runs the kernels::
 
-    pallas = make_pallas_backend(with_d_states=False)
-    register_backend("pallas", pallas.scan_states, pallas.backward_deltas, {"gpu": 1})
-    bptt_fast(params, xs, targets, cell="lstm", backend="pallas")
+    options = ScanOptions(backend="pallas")
+    bptt(params, xs, targets, cell="lstm", mode="fast", options=options)
+    unroll(params, xs, cell="lstm", mode="checkpointed", options=options)
 
 Known costs outside the loop: a batch that is not a multiple of ``batch_block`` is padded (a
 copy of every ``(t b ...)`` operand), and the backward materialises ``state_{t-1}`` with
@@ -61,9 +64,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.extend import core as jex_core
 
-from jax_bptt.bptt import Deltas, backward_deltas, previous_states
 from jax_bptt.cells import Cell
-from jax_bptt.unroll import scan_states, select
+from jax_bptt.scan import Deltas, backward_deltas, previous_states, scan_states, select
 
 # H100: 227 KiB of shared memory per thread block (228 KiB per SM). Uncalibrated beyond the
 # Elman fp32 H=128 (fits) / H=256 (does not) observation; re-measure on the target GPU.
@@ -138,7 +140,7 @@ def fits_on_chip(
     budget_bytes: int = ON_CHIP_BUDGET_BYTES,
 ) -> bool:
     """Whether ``on_chip_bytes`` is within one block's shared memory (the documented fallback
-    beyond it is the XLA path: ``choose_backend`` returns ``"xla"``).
+    beyond it is the XLA path: ``preferred_backend`` returns ``"xla"``).
 
     Example: Elman fp32 at H=128 fits (112 KiB), at H=256 it does not (~384 KiB); LSTM fp32
     fits up to H=64, and H=128 with bfloat16 weights (224 KiB) just does.
@@ -147,10 +149,11 @@ def fits_on_chip(
     return estimate <= budget_bytes
 
 
-def choose_backend(
+def preferred_backend(
     batch_size: int, hidden_size: int, num_steps: int, cell: Cell, dtype, *, batch_block: int = 16
 ) -> str:
-    """``"pallas"`` or ``"xla"`` for one recurrence.
+    """``"pallas"`` or ``"xla"`` for one recurrence: what ``ScanOptions(backend="auto")``
+    resolves to (``jax_bptt.backends.resolve_options``).
 
     ``"xla"`` on CPU/TPU (no native kernel), for float64 (no fast fp64 tensor-core path), for
     hidden sizes Triton cannot tile (not a power of 2, or below 16), for ``num_steps == 0`` and
@@ -236,7 +239,7 @@ def _eval_eqn(eqn, invals, num_gates):
         return [_Gates(outs) for outs in zip(*per_gate, strict=True)]
     raise NotImplementedError(
         f"the kernel cannot evaluate {name!r} on a (b, G*H) value gate by gate; "
-        "use the XLA path (jax_bptt.unroll.scan_states) for this cell"
+        "use the XLA path (ScanOptions(backend='xla')) for this cell"
     )
 
 
@@ -523,7 +526,7 @@ def _backward_deltas(
     h0,
     mask,
     states,
-    residuals,
+    saved,
     d_hs,
     d_final,
     reverse,
@@ -536,9 +539,14 @@ def _backward_deltas(
     _check_shape("d_hs", d_hs, (num_steps, batch, params["W_hh"].shape[0]), "(T, B, H of W_hh)")
     if mask is not None:
         _check_shape("mask", mask, (num_steps, batch), "(T, B)")
+    if getattr(cell, "pointwise_params", ()):  # Deltas.d_pointwise is not written by the kernel
+        raise NotImplementedError(
+            f"the Pallas backward forms no gradients of cell {cell.name!r}'s pointwise params "
+            f"{cell.pointwise_params}; use the XLA path (ScanOptions(backend='xla'))"
+        )
     if num_steps == 0:  # nothing to fuse; the XLA version handles the empty sequence
         return backward_deltas(
-            cell, params, h0, mask, states, residuals, d_hs, d_final, reverse=reverse
+            cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse
         )
     lay = _layout(num_steps, batch, hidden, cell, options)
     bb, padded = lay.batch_block, lay.padded_batch
@@ -554,7 +562,7 @@ def _backward_deltas(
     states_prev = previous_states(h0, states, reverse=reverse)
     d_final_leaves, state_tree = jax.tree_util.tree_flatten(d_final)
     prev_leaves = jax.tree_util.tree_leaves(states_prev)
-    res_leaves, res_tree = jax.tree_util.tree_flatten(residuals)
+    res_leaves, res_tree = jax.tree_util.tree_flatten(saved)
     n_state, n_res = len(d_final_leaves), len(res_leaves)
 
     def time_major(a):
@@ -686,10 +694,10 @@ def make_pallas_backend(**options) -> PallasBackend:
         return _scan_states(cell, params, xp, h0, mask, reverse, unroll, opts)
 
     def backward_deltas_fn(
-        cell, params, h0, mask, states, residuals, d_hs, d_final, *, reverse=False, unroll=1
+        cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1
     ):
         return _backward_deltas(
-            cell, params, h0, mask, states, residuals, d_hs, d_final, reverse, unroll, opts
+            cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll, opts
         )
 
     scan_states_fn.__doc__ = pallas_scan_states.__doc__
@@ -698,10 +706,10 @@ def make_pallas_backend(**options) -> PallasBackend:
 
 
 def pallas_scan_states(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
-    """``jax_bptt.unroll.scan_states`` as one fused kernel launch (default ``PallasOptions``).
+    """``jax_bptt.scan.scan_states`` as one fused kernel launch (default ``PallasOptions``).
 
     ``xp: (t b g)``, ``h0`` state leaves ``(b h)``, ``mask: (t b)`` bool or None. Returns
-    ``(final_state, (states, residuals))`` stacked over t, the residuals being what
+    ``(final_state, (states, saved))`` stacked over t, ``saved`` being what
     ``cell.forward`` returns, so ``cell.backward`` applies unchanged. ``unroll`` steps run per
     loop iteration inside the kernel.
     """
@@ -714,29 +722,18 @@ def pallas_backward_deltas(
     h0,
     mask,
     states,
-    residuals,
+    saved,
     d_hs,
     d_final,
     *,
     reverse: bool = False,
     unroll: int = 1,
 ) -> Deltas:
-    """``jax_bptt.bptt.backward_deltas`` as one fused kernel launch (default ``PallasOptions``).
+    """``jax_bptt.scan.backward_deltas`` as one fused kernel launch (default ``PallasOptions``).
 
     Carries only ``d state`` through the reverse loop and writes ``d xp_t`` and ``d hp_t``
-    ``(t b g)``; the weight gradients are then ``jax_bptt.bptt.cell_grads``.
+    ``(t b g)``; the weight gradients are then ``jax_bptt.scan.cell_grads``.
     """
     return _backward_deltas(
-        cell, params, h0, mask, states, residuals, d_hs, d_final, reverse, unroll, PallasOptions()
+        cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll, PallasOptions()
     )
-
-
-def _register() -> None:
-    """Make ``backend="pallas"`` available to ``jax_bptt.fast`` (which never reads d_states)."""
-    from jax_bptt.fast import register_backend
-
-    backend = make_pallas_backend(with_d_states=False)
-    register_backend("pallas", backend.scan_states, backend.backward_deltas, {"gpu": 1})
-
-
-_register()
