@@ -48,7 +48,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import time
 
 
@@ -72,6 +71,8 @@ if __name__ == "__main__" and "intra_op_parallelism_threads" not in os.environ.g
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench import interleaved_medians  # noqa: E402  (3 warm-up runs, interleaved rounds)
+from common import cpu_model  # noqa: E402
 
 from jax_bptt import cells  # noqa: E402
 from jax_bptt.deer import deer_unroll, lyapunov_exponent  # noqa: E402
@@ -88,17 +89,6 @@ FWD_WORK_LIMIT = 2**24  # T * H^2
 
 # --------------------------------------------------------------------------------------------
 # Environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:
@@ -161,21 +151,6 @@ def compile_with_memory(fn, args):
     except Exception:  # noqa: BLE001 -- a backend without memory_analysis
         temp = None
     return compiled, temp
-
-
-def interleaved_medians(runs: dict, repeats: int) -> dict:
-    """``{name: (wall ms, cpu ms)}``: one warm-up each, then ``repeats`` interleaved rounds."""
-    for run in runs.values():
-        run()
-    wall = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            cpu[name].append((time.process_time() - start_cpu) * 1e3)
-            wall[name].append((time.perf_counter() - start) * 1e3)
-    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in runs}
 
 
 def info_fields(info) -> dict:
