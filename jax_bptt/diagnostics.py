@@ -280,13 +280,18 @@ def gradient_flow(
       ValueError: for a model of more than one layer or a bidirectional one (module docstring),
         and for inputs ``bptt`` would reject.
     """
+    return _flow(_flow_core, "gradient_flow", 1, params, xs, targets, cell, loss, lengths, h0)
+
+
+def _flow(core, name, batch_axis, params, xs, targets, cell, loss, lengths, h0):
+    """Validate once, run ``core`` on the one recurrence, drop the batch axis if none was given."""
     loss = check_loss(loss)
-    run = _one_recurrence("gradient_flow", params, xs, cell=cell, lengths=lengths, h0=h0)
-    out = _flow_core(
+    run = _one_recurrence(name, params, xs, cell=cell, lengths=lengths, h0=h0)
+    out = core(
         params, run.batch.h0[0]["fwd"], run.batch.xs, _model_targets(run, targets, loss),
         run.batch.lengths, cell=run.cell, loss=loss, options=run.options,
     )  # fmt: skip
-    return out if run.batch.batched else _drop_batch_axis(out, 1)
+    return out if run.batch.batched else _drop_batch_axis(out, batch_axis)
 
 
 def term_flow(
@@ -305,13 +310,7 @@ def term_flow(
     Raises:
       ValueError: as ``gradient_flow``.
     """
-    loss = check_loss(loss)
-    run = _one_recurrence("term_flow", params, xs, cell=cell, lengths=lengths, h0=h0)
-    out = _term_flow_core(
-        params, run.batch.h0[0]["fwd"], run.batch.xs, _model_targets(run, targets, loss),
-        run.batch.lengths, cell=run.cell, loss=loss, options=run.options,
-    )  # fmt: skip
-    return out if run.batch.batched else _drop_batch_axis(out, 2)
+    return _flow(_term_flow_core, "term_flow", 2, params, xs, targets, cell, loss, lengths, h0)
 
 
 # --------------------------------------------------------------------------------------------
