@@ -622,3 +622,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             opt_state_template=opt_state,
             signature=model_signature(params, "lstm"),
         )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=-1.0), "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number > 0"),
+        (dict(learning_rate="0.1"), "learning_rate must be a finite number > 0"),
+        (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
+        (dict(clip_norm=float("nan")), "clip_norm must be a finite number > 0"),
+        (dict(clip_value=-2.0), "clip_value must be a finite number > 0"),
+    ],
+)
+def test_make_optimizer_refuses_values_that_make_no_sense(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_optimizer("adam", **kwargs)
+    # a schedule is a learning rate too
+    make_optimizer("adam", optax.constant_schedule(1e-3))
