@@ -14,6 +14,7 @@ resolved once per call by ``resolve_options`` before anything is traced.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -86,6 +87,7 @@ _BUILTIN = {"xla": Backend(scan_states, backward_deltas)}
 _REGISTERED: dict[str, Backend] = {}
 
 
+@functools.cache  # built once, on first use: every trace then gets the same kernels
 def _pallas() -> Backend:
     from jax_bptt import pallas_rnn  # imported on demand: Pallas is heavy and GPU-only in use
 
