@@ -18,8 +18,7 @@ import numpy as np
 
 from jax_bptt.backends import ScanOptions
 from jax_bptt.cells import Cell, get_cell, is_token_ids
-from jax_bptt.cells import step as cell_step
-from jax_bptt.model import has_residual, readout, run_scan, stack_forward
+from jax_bptt.model import readout, run_auto, stack_forward, unbatch
 from jax_bptt.validation import (
     check_params,
     check_positive_int,
@@ -27,6 +26,8 @@ from jax_bptt.validation import (
     check_state,
     check_xs,
 )
+
+_ONE_STEP = ScanOptions(unroll=1)
 
 
 def _check_streaming(params, cell: Cell, residual):
@@ -51,14 +52,12 @@ def init_state(params, batch_size: int | None = None, *, cell) -> list:
 
 
 def _step(params, state, x, *, cell: Cell, residual):
-    """One step through the stack: ``x (b d)`` -> (new states, outputs ``(b o)``)."""
-    new_state, inputs = [], x
-    for i, (layer, layer_state) in enumerate(zip(params["layers"], state, strict=True)):
-        s = cell_step(cell, layer["fwd"], layer_state["fwd"], inputs)
-        out = cell.hidden(s)
-        inputs = out + inputs if has_residual(residual, i) else out
-        new_state.append({"fwd": s})
-    return new_state, readout(params["readout"], inputs)
+    """One step through the stack, ``x (b d)`` or ids ``(b,)`` -> (new states, outputs ``(b o)``):
+    the stack's own forward over a sequence of one step, so streaming cannot drift from it."""
+    outputs, new_state, _ = stack_forward(
+        cell, _ONE_STEP, params["layers"], state, x[None], None, None, residual, run_auto
+    )
+    return new_state, readout(params["readout"], outputs[0])
 
 
 _jitted_step = jax.jit(_step, static_argnames=("cell", "residual"))
@@ -93,7 +92,10 @@ def step(params, state, x, *, cell, residual=False):
         check_state(state, cell, shape, x.shape[0] if batched else 1, batched)
     except (TypeError, ValueError) as error:
         raise type(error)(f"state: {error}".replace("h0", "state")) from None
-    return _jitted_step(params, state, x, cell=cell, residual=residual)
+    if not batched:  # the stack runs on (t b ...): give the single sequence a batch of one
+        state, x = jax.tree_util.tree_map(lambda a: a[None], (state, x))
+    new_state, y = _jitted_step(params, state, x, cell=cell, residual=residual)
+    return (new_state, y) if batched else (unbatch(new_state, False), y[0])
 
 
 @functools.partial(jax.jit, static_argnames=("cell", "residual", "length", "temperature"))
@@ -102,9 +104,8 @@ def _generate(params, key, prompt, *, cell: Cell, residual, length: int, tempera
     dtype = layers[0]["fwd"]["W_xh"].dtype
     h0 = [{"fwd": cell.zero_state((1,), layer["fwd"]["W_hh"].shape[0], dtype)} for layer in layers]
     xs = prompt[:, None]  # (p 1) token ids: the input projection is a row gather
-    one_step = ScanOptions(unroll=1)
     outputs, state, _ = stack_forward(
-        cell, one_step, layers, h0, xs, None, None, residual, run_scan
+        cell, _ONE_STEP, layers, h0, xs, None, None, residual, run_auto
     )
     logits = readout(params["readout"], outputs[-1])
 

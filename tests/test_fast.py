@@ -161,12 +161,16 @@ def test_backward_in_chunks_equals_auto(cell, reverse, chunk_length):
     assert_close(jax.jit(loss)(*args), reference)
 
 
-def test_bptt_fast_in_chunks_equals_auto():
-    params, xs, ys, h0 = random_problem("gru")
-    kw = dict(cell="gru", lengths=LENGTHS, h0=h0)
+@pytest.mark.parametrize(
+    "cell, options", [("gru", ScanOptions(chunk_length=3)), ("lstm", ScanOptions(unroll=3))]
+)
+def test_bptt_fast_with_options_equals_auto(cell, options):
+    """Chunked and unrolled fast paths give jax.grad's gradients (the references are cached from
+    test_fast_and_checkpointed_equal_auto)."""
+    params, xs, ys, h0 = random_problem(cell)
+    kw = dict(cell=cell, lengths=LENGTHS, h0=h0)
     report = compare_gradients(
-        bptt_fast(params, xs, ys, options=ScanOptions(chunk_length=3), **kw),
-        bptt_auto(params, xs, ys, **kw),
+        bptt_fast(params, xs, ys, options=options, **kw), bptt_auto(params, xs, ys, **kw)
     )
     assert report.ok, report.table()
 
@@ -236,16 +240,6 @@ def test_bad_chunk_length_raises_before_work(chunk_length):
         bptt_fast(params, xs, ys, cell="elman_tanh", options=options)
     with pytest.raises(ValueError, match="chunk_length"):
         unroll(params, xs, cell="elman_tanh", mode="fast", options=options)
-
-
-def test_unrolled_fast_path():
-    params, xs, ys, h0 = random_problem("lstm")
-    kw = dict(cell="lstm", lengths=LENGTHS, h0=h0)
-    report = compare_gradients(
-        bptt_fast(params, xs, ys, options=ScanOptions(unroll=3), **kw),
-        bptt_auto(params, xs, ys, **kw),
-    )  # the reference is cached from test_fast_and_checkpointed_equal_auto
-    assert report.ok, report.table()
 
 
 @pytest.mark.parametrize("segment_length, scan_unroll", [(1, 1), (5, 2), (50, 1)])

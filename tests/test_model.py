@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import make_torch_rnn
 
 from jax_bptt import modes
 from jax_bptt.cells import get_cell, step
@@ -382,25 +383,12 @@ def test_bad_params_and_targets_are_named(small):
 # PyTorch: stacked and bidirectional modules, packed sequences, h_n
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
 TORCH_LENGTHS = np.array([5, 2, 4])  # packed sequences need lengths >= 1; max == T
 D = 3
 
 
-def make_torch_rnn(torch, cell, seed, **kwargs):
-    torch.manual_seed(seed)
-    kwargs = dict(input_size=D, hidden_size=H, dtype=torch.float64, **kwargs)
-    if cell == "lstm":
-        return torch.nn.LSTM(**kwargs)
-    if cell == "gru":
-        return torch.nn.GRU(**kwargs)
-    return torch.nn.RNN(nonlinearity=cell.removeprefix("elman_"), **kwargs)
+def make_rnn(torch, cell, seed, **kwargs):
+    return make_torch_rnn(torch, cell, seed, D, H, **kwargs)
 
 
 def assert_close(ours, reference, tol, what):
@@ -441,7 +429,7 @@ TORCH_CASES = [  # cell, placement, num_layers, bidirectional, modes
 )
 def test_stack_matches_torch_packed(torch, cell, placement, layers, bidirectional, modes):
     directions = 2 if bidirectional else 1
-    rnn = make_torch_rnn(torch, cell, seed=10, num_layers=layers, bidirectional=bidirectional)
+    rnn = make_rnn(torch, cell, seed=10, num_layers=layers, bidirectional=bidirectional)
     torch.manual_seed(11)
     head = torch.nn.Linear(directions * H, OUT, dtype=torch.float64)
     params = from_torch(rnn, cell, head=head)
@@ -532,7 +520,7 @@ def test_stack_matches_torch_packed(torch, cell, placement, layers, bidirectiona
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_round_trip_and_modules(torch, cell):
-    rnn = make_torch_rnn(torch, cell, seed=20, num_layers=3, bidirectional=True)
+    rnn = make_rnn(torch, cell, seed=20, num_layers=3, bidirectional=True)
     params = from_torch(rnn.state_dict(), cell)
     assert len(params["layers"]) == 3 and set(params["layers"][2]) == {"fwd", "bwd"}
     assert params["layers"][1]["fwd"]["W_xh"].shape[0] == 2 * H
@@ -546,10 +534,10 @@ def test_round_trip_and_modules(torch, cell):
         got, _ = rebuilt(x)
     assert_close(got.numpy(), want, FORWARD_TOL, "round-trip outputs")
 
-    uni = make_torch_rnn(torch, cell, seed=22, num_layers=2)
+    uni = make_rnn(torch, cell, seed=22, num_layers=2)
     params = from_torch(uni, cell)
     assert [set(layer) for layer in params["layers"]] == [{"fwd"}, {"fwd"}]
-    one = make_torch_rnn(torch, cell, seed=23)  # a single layer is a stack of one
+    one = make_rnn(torch, cell, seed=23)  # a single layer is a stack of one
     params = from_torch(one, cell)
     assert [set(layer) for layer in params["layers"]] == [{"fwd"}]
     assert params["layers"][0]["fwd"]["W_hh"].shape == (H, get_cell(cell).num_gates * H)

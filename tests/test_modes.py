@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
@@ -24,6 +25,7 @@ from jax_bptt.losses import Loss
 
 CELL_NAMES = sorted(jb.CELLS)
 F64 = jnp.float64
+TINY = dict(batch=2, inputs=2, hidden=3, outputs=2)  # numerical derivatives: few parameters
 OTHER_MODES = tuple(m for m in jb.BPTT_MODES if m != "auto")  # each checked against bptt_auto
 
 
@@ -52,14 +54,7 @@ def random_problem(
     lengths = jax.random.randint(k_l, (batch,), 0, steps + 1) if random_lengths else None
     h0 = None
     if random_h0:
-        zero = jb.get_cell(cell).zero_state((batch,), hidden, dtype)
-        leaves, tree = jax.tree_util.tree_flatten(zero)
-        keys = jax.random.split(k_h, len(leaves))
-        state = jax.tree_util.tree_unflatten(
-            tree,
-            [0.5 * jax.random.normal(k, a.shape, dtype) for k, a in zip(keys, leaves, strict=True)],
-        )
-        h0 = [{"fwd": state}]
+        h0 = [{"fwd": random_state(k_h, cell, batch, hidden, dtype)}]
     kwargs = dict(cell=cell, loss=Loss(loss, placement), lengths=lengths, h0=h0)
     return params, xs, targets, kwargs
 
@@ -255,16 +250,7 @@ def finite_difference_gradients(params, xs, targets, *, cell, loss, lengths, h0,
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_manual_equals_finite_differences(cell):
     params, xs, targets, kw = random_problem(
-        jax.random.key(5),
-        cell,
-        "mse",
-        steps=5,
-        batch=2,
-        inputs=2,
-        hidden=3,
-        outputs=2,
-        random_lengths=True,
-        random_h0=True,
+        jax.random.key(5), cell, steps=5, random_lengths=True, random_h0=True, **TINY
     )
     manual = jb.bptt_manual(params, xs, targets, **kw)
     fd = finite_difference_gradients(params, xs, targets, **kw)
@@ -275,15 +261,7 @@ def test_manual_equals_finite_differences(cell):
 def test_check_grads_on_tiny_model(cell):
     """jax.test_util.check_grads: the scan's derivatives match numerical ones (orders 1, 2)."""
     params, xs, targets, kw = random_problem(
-        jax.random.key(7),
-        cell,
-        "mse",
-        steps=4,
-        batch=2,
-        inputs=2,
-        hidden=3,
-        outputs=2,
-        random_h0=True,
+        jax.random.key(7), cell, steps=4, random_h0=True, **TINY
     )
 
     def loss(p, h0, x):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_state
 
 import jax_bptt as jb
 from jax_bptt import cells, scan
@@ -25,13 +26,7 @@ def _problem(
     lengths = jax.random.randint(k_l, (batch,), 0, steps + 1) if random_lengths else None
     state = None
     if h0:
-        zero = jb.get_cell(cell).zero_state((batch,), hidden, F64)
-        leaves, tree = jax.tree_util.tree_flatten(zero)
-        keys = jax.random.split(k_h, len(leaves))
-        state = jax.tree_util.tree_unflatten(
-            tree,
-            [0.5 * jax.random.normal(k, a.shape, F64) for k, a in zip(keys, leaves, strict=True)],
-        )
+        state = random_state(k_h, cell, batch, hidden, F64)
     return params, xs, lengths, state
 
 

@@ -10,6 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import make_torch_rnn
 
 from jax_bptt import bptt_auto, bptt_manual, unroll
 from jax_bptt.check import relative_error
@@ -23,21 +24,8 @@ FORWARD_TOL = 1e-12
 GRAD_TOL = 1e-10
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
 def make_rnn(torch, cell, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs = dict(input_size=D, hidden_size=H, dtype=torch.float64, **kwargs)
-    if cell == "lstm":
-        return torch.nn.LSTM(**kwargs)
-    if cell == "gru":
-        return torch.nn.GRU(**kwargs)
-    return torch.nn.RNN(nonlinearity=cell.removeprefix("elman_"), **kwargs)
+    return make_torch_rnn(torch, cell, seed, D, H, **kwargs)
 
 
 def make_data(seed=1):
