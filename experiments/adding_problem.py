@@ -50,9 +50,10 @@ class AddingProblem(Sweep):
     plot = {"ylabel": "test MSE", "logy": True, "title": "Adding problem: test MSE (last step)"}
     truncation = "none (full BPTT; the loss is at the last step only)"
     headers = ["model", "T", "test MSE", "MSE / baseline", "solved", "first step solved"]
-
-    def intro(self) -> str:
-        return f"; baseline MSE {BASELINE:.4f}, solved below {THRESHOLD:.4f}"
+    title = "Adding problem"
+    note = f"baseline MSE {BASELINE:.4f}, solved: MSE < {THRESHOLD:.4f}"
+    intro = f"; baseline MSE {BASELINE:.4f}, solved below {THRESHOLD:.4f}"
+    extra = {"baseline_mse": BASELINE, "solved_threshold_mse": THRESHOLD}
 
     def data(self, config, size):
         test = tasks.adding_problem(jax.random.key(10_000 + config.seed), config.test_size, size)
@@ -83,15 +84,6 @@ class AddingProblem(Sweep):
             row["model"], row["T"], row["test_mse"], row["mse_over_baseline"],
             "yes" if row["solved"] else "no", "-" if solved_at is None else solved_at,
         ]  # fmt: skip
-
-    def extra(self) -> dict:
-        return {"baseline_mse": BASELINE, "solved_threshold_mse": THRESHOLD}
-
-    def results_title(self, config) -> str:
-        return "Adding problem"
-
-    def results_note(self) -> str:
-        return f"baseline MSE {BASELINE:.4f}, solved: MSE < {THRESHOLD:.4f}"
 
     def hlines(self, size) -> dict:
         return {"baseline": BASELINE, "solved": THRESHOLD}

@@ -35,13 +35,12 @@ import sys
 import jax
 import jax.numpy as jnp
 from bench import PACKAGES, interleaved_medians, jax_inputs, torch_peer
-from common import POSITIVE, Parser, device_name, versions, write_text
+from common import POSITIVE, Parser, device_name, max_relative_error, versions, write_text
 from jax import lax
 
 from jax_bptt import ScanOptions, bptt, get_cell
 from jax_bptt.backends import Backend, backend_names, register_backend
 from jax_bptt.cells import project_inputs
-from jax_bptt.check import relative_error
 from jax_bptt.pallas_rnn import fits_on_chip, make_pallas_backend, preferred_backend
 from jax_bptt.scan import backward_deltas, scan_states
 
@@ -143,11 +142,11 @@ def compile_or_error(candidates: dict) -> tuple[dict, dict]:
 
 def time_candidates(kind, cell_name, size, candidates, peer, repeats):
     runs, errors = compile_or_error(candidates)
-    if peer is not None:
+    if peer is not None:  # bench.torch_peer's (name, run, ...)
         runs[peer[0]] = peer[1]
     medians = interleaved_medians(runs, repeats)
-    batch, hidden, steps, features = size
-    base = dict(kind=kind, cell=cell_name, B=batch, H=hidden, T=steps, D=features)
+    base = dict(kind=kind, cell=cell_name, **dict(zip("BHTD", size, strict=True)))
+    steps = size[2]
     records = []
     for name, median in medians.items():
         # bench.interleaved_medians gives (wall ms, process-CPU ms) per candidate
@@ -175,8 +174,8 @@ def accuracy(cell_name, size, pallas: dict) -> list[dict]:
     impls = {"xla": scan_states, **{name: b.scan_states for name, b in pallas.items()}}
     records = []
     for name, impl in impls.items():
-        record = dict(kind="accuracy", cell=cell_name, B=size[0], H=size[1], T=size[2])
-        record.update(D=size[3], candidate=name)
+        record = dict(kind="accuracy", cell=cell_name, **dict(zip("BHTD", size, strict=True)))
+        record["candidate"] = name
         try:
             states = jax.jit(lambda p, xp, h0, impl=impl: impl(cell, p, xp, h0)[1][0])(
                 cell_params, xp, h0
@@ -186,14 +185,8 @@ def accuracy(cell_name, size, pallas: dict) -> list[dict]:
         except Exception as error:  # noqa: BLE001
             records.append({**record, "error": f"{type(error).__name__}: {str(error)[:160]}"})
             continue
-        leaves = zip(
-            jax.tree_util.tree_leaves(states), jax.tree_util.tree_leaves(ref_states), strict=True
-        )
-        record["states_rel_err"] = max(relative_error(a, b)[1] for a, b in leaves)
-        grad_pairs = zip(
-            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads), strict=True
-        )
-        record["grads_rel_err"] = max(relative_error(a, b)[1] for a, b in grad_pairs)
+        record["states_rel_err"] = max_relative_error(states, ref_states)
+        record["grads_rel_err"] = max_relative_error(grads, ref_grads)
         records.append(record)
     return records
 
@@ -271,14 +264,12 @@ def main(argv=None):
                 f"bf16 weights {fits_on_chip(size[1], g, jnp.float32, weight_dtype=jnp.bfloat16)}"
             )
             print(note, flush=True)
-            got = []
             rec = recurrence_candidates(cell, size, pallas)
-            fwd_peer = torch_peer(cell, *size, args.device, backward=False)
-            fwd_peer = None if fwd_peer is None else fwd_peer[:2]
-            got += time_candidates("forward", cell, size, rec["forward"], fwd_peer, repeats)
+            fwd_peer, peer = (
+                torch_peer(cell, *size, args.device, backward=b) for b in (False, True)
+            )
+            got = time_candidates("forward", cell, size, rec["forward"], fwd_peer, repeats)
             got += time_candidates("backward", cell, size, rec["backward"], None, repeats)
-            peer = torch_peer(cell, *size, args.device)
-            peer = None if peer is None else peer[:2]
             grads = gradient_candidates(cell, size, pallas)
             got += time_candidates("gradients", cell, size, grads, peer, repeats)
             got += accuracy(cell, size, pallas)

@@ -44,38 +44,27 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import itertools
 import json
 import os
 import platform
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench import interleaved_medians  # 3 warm-up runs, interleaved rounds
+from common import POSITIVE, cpu_model, device_name, set_cpu_threads, versions, write_text
 
-def _machine_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from jax_bptt import cells
+from jax_bptt.deer import deer_unroll, lyapunov_exponent
 
-
-THREADS = _machine_threads()
-if __name__ == "__main__" and "intra_op_parallelism_threads" not in os.environ.get(
-    "XLA_FLAGS", ""
-):  # as many XLA threads as the machine gives this process (set before jax starts)
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen={'true' if THREADS > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={THREADS}"
-    ).strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from bench import interleaved_medians  # noqa: E402  (3 warm-up runs, interleaved rounds)
-from common import cpu_model  # noqa: E402
-
-from jax_bptt import cells  # noqa: E402
-from jax_bptt.deer import deer_unroll, lyapunov_exponent  # noqa: E402
+try:
+    THREADS = len(os.sched_getaffinity(0))
+except AttributeError:  # not Linux
+    THREADS = os.cpu_count() or 1
+if __name__ == "__main__" and "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
+    set_cpu_threads(THREADS)  # as many XLA threads as the machine gives this process
 
 FULL = dict(steps=(256, 1024, 4096, 16384), hidden=(16, 64, 256), batch=16, inputs=16, repeats=3)
 # Quick: one tiny point per cell, each cell in one weight regime (compile time is the cost).
@@ -96,13 +85,6 @@ def load_average() -> str:
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def device_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return f"cpu: {cpu_model()} ({THREADS} threads available to this process)"
-    return f"{dev.platform}: {dev.device_kind}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,14 +136,8 @@ def compile_with_memory(fn, args):
 
 
 def info_fields(info) -> dict:
-    if info is None:
-        return dict(iterations=None, converged=None, fell_back=None, residual=None)
-    return dict(
-        iterations=int(info.iterations),
-        converged=bool(info.converged),
-        fell_back=bool(info.fell_back),
-        residual=float(info.residual),
-    )
+    fields = dict(iterations=int, converged=bool, fell_back=bool, residual=float)
+    return {k: None if info is None else kind(getattr(info, k)) for k, kind in fields.items()}
 
 
 def skip_reason(mode, with_grad, steps, hidden, batch, jacobian_mib) -> str | None:
@@ -178,15 +154,8 @@ def skip_reason(mode, with_grad, steps, hidden, batch, jacobian_mib) -> str | No
 def measure_point(cell_name, weights, steps, hidden, cfg, with_grad, jacobian_mib, log):
     batch, inputs = cfg["batch"], cfg["inputs"]
     modes = ("sequential", "quasi", "full") if with_grad else ("sequential", "quasi")
-    base = dict(
-        cell=cell_name,
-        weights=weights,
-        T=steps,
-        H=hidden,
-        B=batch,
-        D=inputs,
-        pass_="fwd+bwd" if with_grad else "fwd",
-    )
+    base = dict(cell=cell_name, weights=weights, T=steps, H=hidden, B=batch, D=inputs)
+    base["pass"] = "fwd+bwd" if with_grad else "fwd"
     reasons = {m: skip_reason(m, with_grad, steps, hidden, batch, jacobian_mib) for m in modes}
     if all(reasons[m] for m in modes if m != "sequential"):
         return []  # nothing parallel to compare against: not even the baseline is timed
@@ -211,7 +180,6 @@ def measure_point(cell_name, weights, steps, hidden, cfg, with_grad, jacobian_mi
     records = []
     for mode in modes:
         record = dict(base, mode=mode, lyapunov=lyap, max_iters=max_iters, repeats=cfg["repeats"])
-        record["pass"] = record.pop("pass_")
         if reasons[mode]:
             record.update(skipped=reasons[mode], ms=None, cpu_ms=None, temp_bytes=None)
             record.update(info_fields(None))
@@ -292,7 +260,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny grid (smoke test, < 30 s)")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--txt", help="write the table here")
-    parser.add_argument("--repeats", type=int, help="timed rounds per point (default 3; quick 2)")
+    parser.add_argument(
+        "--repeats", type=POSITIVE, help="timed rounds per point (default 3; quick 2)"
+    )
     parser.add_argument("--jacobian-mib", type=float, default=64.0)
     parser.add_argument("--cells", nargs="+", default=list(CELL_NAMES), choices=CELL_NAMES)
     parser.add_argument("--steps", nargs="+", type=int, help="override the grid's T values")
@@ -303,8 +273,6 @@ def main(argv=None) -> dict:
         if getattr(args, name):
             cfg[name] = tuple(getattr(args, name))
     if args.repeats is not None:
-        if args.repeats < 1:
-            parser.error("--repeats must be >= 1")
         cfg["repeats"] = args.repeats
 
     out_lines = []
@@ -314,9 +282,10 @@ def main(argv=None) -> dict:
         out_lines.append(text)
 
     started = time.perf_counter()
+    device = device_name(f"{THREADS} threads available to this process")
     header = [
-        f"device: {device_name()}",
-        f"jax {jax.__version__}, jaxlib {importlib.metadata.version('jaxlib')}, "
+        f"device: {device}",
+        f"jax {jax.__version__}, jaxlib {versions(('jaxlib',))['jaxlib']}, "
         f"python {platform.python_version()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         f"load average at start (1, 5, 15 min): {load_average()}",
         f"float32, B={cfg['batch']}, D={cfg['inputs']}; loss sum(hs); grads w.r.t. params, xs,"
@@ -325,31 +294,21 @@ def main(argv=None) -> dict:
         "The machine may be shared with other jobs: absolute times are noisy, ratios less so.",
         HEADER,
     ]
-    for line in header:
-        log(line)
+    log("\n".join(header))
     records = []
-    for with_grad in (True, False):
-        for cell_name in args.cells:
-            for hidden in cfg["hidden"]:
-                for steps in cfg["steps"]:
-                    for weights in QUICK_WEIGHTS[cell_name] if args.quick else WEIGHTS:
-                        done = any(
-                            (r["cell"], r["weights"], r["T"], r["H"], r["mode"])
-                            == (cell_name, weights, steps, hidden, "quasi")
-                            and not r.get("skipped")
-                            for r in records
-                        )
-                        if not done:  # the fwd pass only where fwd+bwd could not run
-                            records += measure_point(
-                                cell_name,
-                                weights,
-                                steps,
-                                hidden,
-                                cfg,
-                                with_grad,
-                                args.jacobian_mib,
-                                log,
-                            )
+    grid = itertools.product((True, False), args.cells, cfg["hidden"], cfg["steps"])
+    for with_grad, cell_name, hidden, steps in grid:
+        for weights in QUICK_WEIGHTS[cell_name] if args.quick else WEIGHTS:
+            done = any(
+                (r["cell"], r["weights"], r["T"], r["H"], r["mode"])
+                == (cell_name, weights, steps, hidden, "quasi")
+                and not r.get("skipped")
+                for r in records
+            )
+            if not done:  # the fwd pass only where fwd+bwd could not run
+                records += measure_point(
+                    cell_name, weights, steps, hidden, cfg, with_grad, args.jacobian_mib, log
+                )
     skipped_points = [
         f"{c} T={t} H={h}"
         for c in args.cells
@@ -358,33 +317,21 @@ def main(argv=None) -> dict:
         if not any(r["cell"] == c and r["T"] == t and r["H"] == h for r in records)
     ]
     if skipped_points:
-        log(
-            "\nnot measured at all (no parallel candidate fits in either pass): "
-            + ", ".join(skipped_points)
-        )
+        why = "no parallel candidate fits in either pass"
+        log(f"\nnot measured at all ({why}): {', '.join(skipped_points)}")
     log(summary(records))
     elapsed = time.perf_counter() - started
     log(f"\ntotal wall time {elapsed:.0f} s; load average at the end: {load_average()}")
     result = dict(
-        quick=args.quick,
-        device=device_name(),
-        cpu_model=cpu_model(),
-        threads=THREADS,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        jax=jax.__version__,
-        config=cfg,
-        max_iters_cap=MAX_ITERS,
-        jacobian_mib=args.jacobian_mib,
-        elapsed_s=elapsed,
-        load_average_end=load_average(),
-        records=records,
-    )
+        quick=args.quick, device=device, cpu_model=cpu_model(), threads=THREADS,
+        xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__, config=cfg,
+        max_iters_cap=MAX_ITERS, jacobian_mib=args.jacobian_mib, elapsed_s=elapsed,
+        load_average_end=load_average(), records=records,
+    )  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text(args.json, json.dumps(result, indent=1))
     if args.txt:
-        with open(args.txt, "w") as f:
-            f.write("\n".join(out_lines) + "\n")
+        write_text(args.txt, "\n".join(out_lines) + "\n")
     return result
 
 

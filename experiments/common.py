@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 
 import jax_bptt as jb
+from jax_bptt.check import relative_error
 from jax_bptt.checkpoints import atomic_write_json
 from jax_bptt.train import OPTIMIZERS
 
@@ -307,11 +308,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name() -> str:
-    """E.g. ``"cpu: AMD EPYC 7B13 (2 logical cores)"`` or ``"gpu: NVIDIA H200"``."""
+def device_name(cores: str | None = None) -> str:
+    """E.g. ``"cpu: AMD EPYC 7B13 (2 logical cores)"`` (``cores`` in place of the count in
+    parentheses) or ``"gpu: NVIDIA H200"``."""
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)"
+        return f"cpu: {cpu_model()} ({cores or f'{os.cpu_count()} logical cores'})"
     return f"{device.platform}: {device.device_kind}"
 
 
@@ -361,6 +363,14 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` written by ``jax_bptt.fit``."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def max_relative_error(candidate, reference) -> float:
+    """The largest ``jax_bptt.check.relative_error`` over the leaves of two like pytrees."""
+    pairs = zip(
+        jax.tree_util.tree_leaves(candidate), jax.tree_util.tree_leaves(reference), strict=True
+    )
+    return max(relative_error(a, b)[1] for a, b in pairs)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

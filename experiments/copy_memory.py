@@ -57,6 +57,9 @@ class CopyMemory(Sweep):
     metric = "test_loss"
     plot = {"ylabel": "test cross-entropy (nats/step)", "logy": False, "title": "Copy memory"}
     headers = ["model", "T", "test loss", "baseline", "loss / baseline", "recall acc.", "beats"]
+    title = "Copy memory"
+    note = f"beats: test loss < {BEATS_FRACTION} x baseline; recall chance {1 / NUM_SYMBOLS:.3f}"
+    extra = {"beats_fraction": BEATS_FRACTION}
 
     def data(self, config, size):
         @jax.jit
@@ -101,17 +104,6 @@ class CopyMemory(Sweep):
             row["model"], row["T"], row["test_loss"], row["baseline"], row["loss_over_baseline"],
             row["recall_accuracy"], "yes" if row["beats_baseline"] else "no",
         ]  # fmt: skip
-
-    def extra(self) -> dict:
-        return {"beats_fraction": BEATS_FRACTION}
-
-    def results_title(self, config) -> str:
-        return "Copy memory"
-
-    def results_note(self) -> str:
-        return (
-            f"beats: test loss < {BEATS_FRACTION} x baseline; recall chance {1 / NUM_SYMBOLS:.3f}"
-        )
 
     def hlines(self, size) -> dict:
         return {"memoryless baseline": baseline(size)}

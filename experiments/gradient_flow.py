@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common, also when run by path
-from common import Parser, device_name, versions  # noqa: E402
+from common import Parser, device_name, versions, write_text  # noqa: E402
 
 import jax_bptt as jb  # noqa: E402
 from jax_bptt.diagnostics import (  # noqa: E402
@@ -43,6 +43,10 @@ from jax_bptt.tasks import ADDING_BASELINE_MSE, adding_problem  # noqa: E402
 
 LAST_STEP_MSE = jb.Loss("mse", "last_step")  # the adding problem's loss
 SCALES = (0.5, 0.9, 1.0, 1.1, 1.5)
+DISTANCE = "distance T - t (steps)"
+GRADIENT = "$\\|\\partial L/\\partial h_t\\|$, loss on the last step"
+JACOBIAN = "$\\|\\partial h_T/\\partial h_t\\|_2$"
+W_HH_TERMS = "step t's term of $dW_{hh}$: $\\|h_{t-1}^\\top\\, d\\,hp_t\\|_F$"
 
 FULL = dict(
     hidden=32, sweep_steps=100, batch=16, train_steps_len=50, train_iters=1500, train_batch=64,
@@ -101,31 +105,16 @@ def tanh_sweep(cfg, out, summary):
         d_h, jac, _ = flow_curves("elman_tanh", params, xs, targets)
         grads[f"s = {s}"] = by_distance(d_h)
         jacs[f"s = {s}"] = by_distance(jac)
-        rows.append(
-            dict(
-                s=s,
-                jacobian_T_to_0=float(jac[0]),
-                bound_s_pow_T=s**num_steps,
-                grad_ratio_h0_to_hT=float(d_h[0] / d_h[-1]),
-            )
-        )
+        ratio = float(d_h[0] / d_h[-1])
+        rows.append(dict(s=s, jacobian_T_to_0=float(jac[0]), bound_s_pow_T=s**num_steps,
+                         grad_ratio_h0_to_hT=ratio))  # fmt: skip
     distance = np.arange(num_steps + 1)
     bounds = {f"$s^{{T-t}}$, s = {s}": (distance, s**distance) for s in (0.5, 0.9)}
+    exact = JACOBIAN + " (exact, chained Jacobians)"
     line_panels(
         [
-            Panel(
-                "$\\|\\partial h_T/\\partial h_t\\|_2$ (exact, chained Jacobians)",
-                "distance T - t (steps)",
-                "spectral norm",
-                jacs,
-                reference=bounds,
-            ),
-            Panel(
-                "$\\|\\partial L/\\partial h_t\\|$, loss on the last step",
-                "distance T - t (steps)",
-                "gradient norm",
-                grads,
-            ),
+            Panel(exact, DISTANCE, "spectral norm", jacs, reference=bounds),
+            Panel(GRADIENT, DISTANCE, "gradient norm", grads),
         ],
         os.path.join(out, "tanh_spectral_sweep.png"),
         title=f"tanh RNN, $W_{{hh}} = s\\,Q$ (Q orthogonal), H={hidden}, T={num_steps}, "
@@ -162,12 +151,6 @@ def train_adding(cell, cfg, key):
     return params, float(losses[-max(1, len(losses) // 20) :].mean())
 
 
-def eval_mse(cell, params, xs, targets) -> float:
-    # gradient_flow's loss: the same compiled function as the diagnostics when shapes match.
-    flow = gradient_flow(params, xs, targets, cell=cell, loss=LAST_STEP_MSE)
-    return float(flow.loss)
-
-
 def gated_runs(cfg, out, summary):
     num_steps, batch = cfg["train_steps_len"], cfg["batch"]
     xs, targets = to64(adding_problem(jax.random.key(7), batch, num_steps))
@@ -192,27 +175,21 @@ def gated_runs(cfg, out, summary):
             terms[label] = (num_steps - np.arange(1, num_steps + 1), w_hh_terms)
             power_vs_exact = float("nan")
             if cfg["power_iters"]:
-                power = median_over_batch(
-                    jacobian_norms(
-                        params, xs, cell=cell, method="power", num_iters=cfg["power_iters"]
-                    )
-                )
+                iters = cfg["power_iters"]
+                power = jacobian_norms(params, xs, cell=cell, method="power", num_iters=iters)
+                power = median_over_batch(power)
                 power_vs_exact = float(np.max(np.abs(power - jac) / jac))
             spectrum = recurrent_spectrum(params, cell=cell)
             far = w_hh_terms[: num_steps // 2].sum() / max(w_hh_terms.sum(), 1e-300)
-            rows.append(
-                dict(
-                    cell=cell,
-                    stage=stage,
-                    mse=eval_mse(cell, params, xs_big, targets_big),
-                    grad_ratio_h0_to_hT=float(d_h[0] / d_h[-1]),
-                    jacobian_T_to_0=float(jac[0]),
-                    power_vs_exact_max_rel=power_vs_exact,
-                    far_half_share_of_dW_hh_terms=float(far),
-                    top_singular_values={b.name: float(b.singular_values[0]) for b in spectrum},
-                    spectral_radii={b.name: b.spectral_radius for b in spectrum},
-                )
-            )
+            # gradient_flow's loss: the diagnostics' compiled function when the shapes match
+            mse = gradient_flow(params, xs_big, targets_big, cell=cell, loss=LAST_STEP_MSE).loss
+            rows.append(dict(
+                cell=cell, stage=stage, mse=float(mse),
+                grad_ratio_h0_to_hT=float(d_h[0] / d_h[-1]), jacobian_T_to_0=float(jac[0]),
+                power_vs_exact_max_rel=power_vs_exact, far_half_share_of_dW_hh_terms=float(far),
+                top_singular_values={b.name: float(b.singular_values[0]) for b in spectrum},
+                spectral_radii={b.name: b.spectral_radius for b in spectrum},
+            ))  # fmt: skip
         lines.append(f"  {cell}: trained in {seconds:.1f} s, last-5% train MSE {train_mse:.4f}")
     lines.append(
         f"  {'model':<12} {'test MSE':>9} {'||dL/dh_0||/||dL/dh_T||':>24} "
@@ -228,24 +205,9 @@ def gated_runs(cfg, out, summary):
         )
     line_panels(
         [
-            Panel(
-                "$\\|\\partial L/\\partial h_t\\|$, loss on the last step",
-                "distance T - t (steps)",
-                "gradient norm",
-                grads,
-            ),
-            Panel(
-                "$\\|\\partial h_T/\\partial h_t\\|_2$ (h block; LSTM: $c_t$ fixed)",
-                "distance T - t (steps)",
-                "spectral norm",
-                jacs,
-            ),
-            Panel(
-                "step t's term of $dW_{hh}$: $\\|h_{t-1}^\\top\\, d\\,hp_t\\|_F$",
-                "distance T - t (steps)",
-                "Frobenius norm",
-                terms,
-            ),
+            Panel(GRADIENT, DISTANCE, "gradient norm", grads),
+            Panel(JACOBIAN + " (h block; LSTM: $c_t$ fixed)", DISTANCE, "spectral norm", jacs),
+            Panel(W_HH_TERMS, DISTANCE, "Frobenius norm", terms),
         ],
         os.path.join(out, "gated_adding.png"),
         title=f"{' and '.join(c.upper() for c in cfg['gated'])} on the adding problem "
@@ -318,10 +280,8 @@ def main(argv=None) -> dict:
     lines.append(f"\ntotal {summary['seconds']:.1f} s; outputs in {args.out}")
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(args.out, "summary.txt"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text(os.path.join(args.out, "summary.txt"), text + "\n")
+    write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 

@@ -51,6 +51,7 @@ from common import (
     device_info,
     int_list,
     markdown_table,
+    max_relative_error,
     write_text,
 )
 from jax.sharding import AxisType, NamedSharding
@@ -168,25 +169,20 @@ def one_step_error(candidate: Candidate, train_step) -> dict:
     out = candidate.step(candidate.params, candidate.opt_state, **candidate.batch)
     params, opt_state, batch = candidate.unsharded
     ref = train_step(params, opt_state, **batch)
-    flat_c, flat_r = jax.tree_util.tree_leaves(out[0]), jax.tree_util.tree_leaves(ref[0])
     return {
         "loss": relative_error(out[2].loss, ref[2].loss)[1],
         "grad_norm": relative_error(out[2].grad_norm, ref[2].grad_norm)[1],
-        "params": max(relative_error(a, b)[1] for a, b in zip(flat_c, flat_r, strict=True)),
+        "params": max_relative_error(out[0], ref[0]),
     }
 
 
-def hlo_collectives(candidate: Candidate) -> dict:
-    if candidate.lower_args is not None:
-        fn, lower_args = candidate.lower_args
-        text = fn.lower(*lower_args).compile().as_text()
-    else:
-        text = (
-            candidate.step.lower(candidate.params, candidate.opt_state, **candidate.batch)
-            .compile()
-            .as_text()
-        )
-    return collectives(text)
+def hlo_collectives(c: Candidate) -> dict:
+    lowered = (
+        c.lower_args[0].lower(*c.lower_args[1])
+        if c.lower_args is not None
+        else c.step.lower(c.params, c.opt_state, **c.batch)
+    )
+    return collectives(lowered.compile().as_text())
 
 
 def measure(args, train_step, candidates: list[Candidate], batch_sizes: list[int]) -> list[dict]:
@@ -219,35 +215,25 @@ def measure(args, train_step, candidates: list[Candidate], batch_sizes: list[int
     return records
 
 
+# (column, value of a record)
+COLUMNS = {
+    "candidate": lambda r: r["candidate"],
+    "devices": lambda r: r["devices"],
+    "global B": lambda r: r["global_batch"],
+    "steps/s": lambda r: r["steps_per_s"],
+    "seq/s": lambda r: r["sequences_per_s"],
+    "seq/s/device": lambda r: r["sequences_per_s_per_device"],
+    "vs unsharded": lambda r: f"{r['speedup_steps']:.2f}x",
+    "rel diff (loss, grad norm)": lambda r: (
+        f"{max(r['error']['loss'], r['error']['grad_norm']):.1e}"
+    ),
+    "coll. per time step": lambda r: r["collectives"]["in_loops"],
+    "coll. per train step": lambda r: r["collectives"]["total"],
+}
+
+
 def table(records: list[dict]) -> str:
-    headers = [
-        "candidate",
-        "devices",
-        "global B",
-        "steps/s",
-        "seq/s",
-        "seq/s/device",
-        "vs unsharded",
-        "rel diff (loss, grad norm)",
-        "coll. per time step",
-        "coll. per train step",
-    ]
-    rows = [
-        [
-            r["candidate"],
-            r["devices"],
-            r["global_batch"],
-            r["steps_per_s"],
-            r["sequences_per_s"],
-            r["sequences_per_s_per_device"],
-            f"{r['speedup_steps']:.2f}x",
-            f"{max(r['error']['loss'], r['error']['grad_norm']):.1e}",
-            r["collectives"]["in_loops"],
-            r["collectives"]["total"],
-        ]
-        for r in records
-    ]
-    return markdown_table(headers, rows)
+    return markdown_table(list(COLUMNS), [[f(r) for f in COLUMNS.values()] for r in records])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -300,6 +286,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def report(lines: list[str], title: str, records: list[dict]) -> None:
+    text = f"## {title}\n\n{table(records)}\n"
+    lines.append(text)
+    print(text, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     counts, available = args.devices, jax.device_count()
@@ -344,24 +336,20 @@ def main(argv=None):
             for n, size in zip(counts, sizes[1:], strict=True)
         ]
         result[key] = measure(args, train_step, candidates, sizes)
-        text = f"## {title}\n\n{table(result[key])}\n"
-        lines.append(text)
-        print(text, flush=True)
+        report(lines, title, result[key])
 
     if args.tp:
         tp_args = argparse.Namespace(**{**vars(args), "H": args.tp_hidden})
-        tp_counts = [n for n in counts if n > 1]
         candidates = [build(tp_args, optimizer, train_step, "unsharded", 1, args.B)]
         candidates += [build(tp_args, optimizer, train_step, "dp", max(counts), args.B)]
+        tp_counts = [n for n in counts if n > 1]
         candidates += [build(tp_args, optimizer, train_step, "tp", n, args.B) for n in tp_counts]
         result["tp"] = measure(tp_args, train_step, candidates, [args.B] * len(candidates))
         title = (
             f"Tensor parallelism over H={args.tp_hidden} (W_xh, W_hh, b_h column-sharded), "
             f"global batch B={args.B}, against data parallelism"
         )
-        text = f"## {title}\n\n{table(result['tp'])}\n"
-        lines.append(text)
-        print(text, flush=True)
+        report(lines, title, result["tp"])
 
     if args.txt:
         write_text(args.txt, "\n".join(lines))

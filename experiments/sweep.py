@@ -96,6 +96,10 @@ class Sweep:
     plot = {"ylabel": "", "logy": False, "title": ""}
     truncation = "none (full BPTT over the whole sequence)"
     headers: list[str] = []  # the results table's columns
+    title = ""  # of results.md (default: the name)
+    note = ""  # after results.md's settings line
+    intro = ""  # more of the first printed line (baselines, thresholds)
+    extra: dict = {}  # more summary fields
 
     def __init__(self, doc: str):
         self.description = doc.split("\n\n")[0]
@@ -144,7 +148,7 @@ class Sweep:
         print(
             f"{self.name}: models {config.models}, {self.sizes_name} {config.sizes}, "
             f"{config.steps} steps, bptt={config.bptt}, {describe_model(config.model_options)}"
-            f"{self.intro()}; writing to {run_dir}"
+            f"{self.intro}; writing to {run_dir}"
         )
         rows, curves = [], {}
         for size in config.sizes:
@@ -164,36 +168,26 @@ class Sweep:
 
         table = markdown_table(self.headers, [self.table_row(row) for row in rows])
         summary = {
-            "experiment": self.name,
-            "config": self.config_record(config),
-            "bptt_mode": config.bptt,
-            "model_options": config.model_options,
-            "truncation": self.truncation,
-            **self.extra(),
-            "results": rows,
-            "device": device_info(),
-            "wall_time_s": time.perf_counter() - started,
+            "experiment": self.name, "config": self.config_record(config),
+            "bptt_mode": config.bptt, "model_options": config.model_options,
+            "truncation": self.truncation, **self.extra, "results": rows,
+            "device": device_info(), "wall_time_s": time.perf_counter() - started,
             "argv": sys.argv if argv is None else list(argv),
-        }
+        }  # fmt: skip
         write_json(run_dir / "results.json", summary)
         (run_dir / "results.md").write_text(
-            f"{self.results_title(config)} ({config.steps} steps, batch {config.batch}, hidden "
+            f"{self.title or self.name} ({config.steps} steps, batch {config.batch}, hidden "
             f"{config.hidden}, {config.optimizer} lr {config.lr} (irnn "
-            f"{config.lrs.get('irnn', config.lr)}), bptt={config.bptt}); {self.results_note()}"
+            f"{config.lrs.get('irnn', config.lr)}), bptt={config.bptt}); {self.note}"
             f"\n\n{table}\n",
             encoding="utf-8",
         )
         panels = [
-            {
-                "title": f"T = {size}",
-                "xlabel": "step",
-                "ylabel": self.plot["ylabel"],
-                "logy": self.plot["logy"],
-                "series": {m: curves[m, size] for m in config.models},
-                "hlines": self.hlines(size),
-            }
+            {"title": f"T = {size}", "xlabel": "step", "ylabel": self.plot["ylabel"],
+             "logy": self.plot["logy"], "series": {m: curves[m, size] for m in config.models},
+             "hlines": self.hlines(size)}
             for size in config.sizes
-        ]
+        ]  # fmt: skip
         plot_curves(run_dir / f"{self.name}.png", panels, title=self.plot["title"])
         print(table)
         print(f"outputs in {run_dir}")
@@ -225,23 +219,14 @@ class Sweep:
             return {"xs": xs, "targets": targets}
 
         started = time.perf_counter()
+        run_config = {"model": model, "cell": cell, "recurrent_init": recurrent_init, "lr": lr}
         result = jb.fit(
-            place_step(train_step, options, loss=self.loss),
-            params,
-            optimizer,
-            batch_kwargs,
-            num_steps=config.steps,
-            key=jax.random.fold_in(jax.random.key(config.seed), 1),
-            run_dir=run_dir,
-            signature=model_signature(params, cell, residual=config.residual),
-            config={"model": model, "cell": cell, "recurrent_init": recurrent_init, "lr": lr}
-            | options,
-            eval_fn=eval_fn,
-            eval_every=config.eval_every,
-            log_every=50,
-            progress=progress,
-            desc=desc,
-        )
+            place_step(train_step, options, loss=self.loss), params, optimizer, batch_kwargs,
+            num_steps=config.steps, key=jax.random.fold_in(jax.random.key(config.seed), 1),
+            run_dir=run_dir, signature=model_signature(params, cell, residual=config.residual),
+            config=run_config | options, eval_fn=eval_fn, eval_every=config.eval_every,
+            log_every=50, progress=progress, desc=desc,
+        )  # fmt: skip
         return {
             "evals": [r for r in result.history if r["kind"] == "eval"],
             "skipped": result.skipped,
@@ -255,10 +240,6 @@ class Sweep:
 
     # ----------------------------------------------------------------------------------------
     # The task's own part
-
-    def intro(self) -> str:
-        """More of the first printed line (baselines, thresholds)."""
-        return ""
 
     def data(self, config: Config, size: int):
         """``(batch_fn(key) -> (xs, targets), test set)`` for one swept size."""
@@ -277,16 +258,6 @@ class Sweep:
 
     def table_row(self, row: dict) -> list:
         raise NotImplementedError
-
-    def extra(self) -> dict:
-        """More summary fields."""
-        return {}
-
-    def results_title(self, config: Config) -> str:
-        return self.name
-
-    def results_note(self) -> str:
-        return ""
 
     def hlines(self, size: int) -> dict:
         return {}

@@ -19,6 +19,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 RESIDUAL_CHOICES = {"none": False, "true": True, "except_first": "except_first"}
+# (flags, default, smallest value, help) of the integer options
+INT_OPTIONS = (
+    (("--steps", "-T"), 12, 0, "sequence length T"),
+    (("--batch", "-B"), 3, 1, None),
+    (("--inputs", "-D"), 4, 1, "input size D"),
+    (("--hidden", "-H"), 6, 1, "hidden size H"),
+    (("--outputs", "-O"), 3, 1, "output size O"),
+    (("--layers", "-L"), 1, 1, "layers of the swept model"),
+    (("--directions",), 3, 1, "finite-difference directions per leaf"),
+    (("--jobs", "-j"), 2, 1, "configurations checked at once (threads: XLA compiles in parallel)"),
+    (("--seed",), 0, None, None),
+)
 DEEP = dict(num_layers=2, bidirectional=True, residual="except_first", dropout=0.25)
 
 
@@ -32,12 +44,8 @@ def _parse(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    check.add_argument("--steps", "-T", type=int, default=12, help="sequence length T")
-    check.add_argument("--batch", "-B", type=int, default=3)
-    check.add_argument("--inputs", "-D", type=int, default=4, help="input size D")
-    check.add_argument("--hidden", "-H", type=int, default=6, help="hidden size H")
-    check.add_argument("--outputs", "-O", type=int, default=3, help="output size O")
-    check.add_argument("--layers", "-L", type=int, default=1, help="layers of the swept model")
+    for flags, default, _, help_text in INT_OPTIONS:
+        check.add_argument(*flags, type=int, default=default, help=help_text)
     check.add_argument("--bidirectional", action="store_true", help="swept model bidirectional")
     check.add_argument(
         "--residual", choices=tuple(RESIDUAL_CHOICES), default="none",
@@ -52,18 +60,10 @@ def _parse(argv):
     check.add_argument("--placements", nargs="+", default=None, help="default: both")
     check.add_argument("--fd", action="store_true", help="also compare with finite differences")
     check.add_argument(
-        "--directions", type=int, default=3, help="finite-difference directions per leaf"
-    )
-    check.add_argument(
-        "--jobs", "-j", type=int, default=2,
-        help="configurations checked at once (threads: XLA compiles them in parallel)",
-    )  # fmt: skip
-    check.add_argument(
         "--xla-opt", action="store_true",
         help="compile with XLA's default LLVM optimisation (default for python -m jax_bptt: "
         "level 0, which halves the compile time of the ~70 small programs)",
     )  # fmt: skip
-    check.add_argument("--seed", type=int, default=0)
     check.add_argument("--verbose", "-v", action="store_true", help="print every leaf's error")
     return parser.parse_args(argv)
 
@@ -80,12 +80,8 @@ def _model_label(num_layers, bidirectional, residual, dropout) -> str:
 
 def _configs(args, cells, losses, placements):
     """``(cell, loss, placement, lengths, h0, model)`` rows: the sweep, then the deep cases."""
-    model = dict(
-        num_layers=args.layers,
-        bidirectional=args.bidirectional,
-        residual=RESIDUAL_CHOICES[args.residual],
-        dropout=args.dropout,
-    )
+    model = dict(num_layers=args.layers, bidirectional=args.bidirectional,
+                 residual=RESIDUAL_CHOICES[args.residual], dropout=args.dropout)  # fmt: skip
     for config in itertools.product(cells, losses, placements, (False, True), (False, True)):
         yield (*config, model)
     if args.no_deep or model == DEEP:
@@ -175,12 +171,9 @@ def main(argv=None, *, standalone: bool = False) -> int:
     halves it. In-process callers (tests) keep their process's settings.
     """
     args = _parse(sys.argv[1:] if argv is None else argv)
-    for name, minimum in (
-        ("steps", 0), ("batch", 1), ("inputs", 1), ("hidden", 1), ("outputs", 1), ("layers", 1),
-        ("directions", 1), ("jobs", 1),
-    ):  # fmt: skip
-        if getattr(args, name) < minimum:
-            raise SystemExit(f"--{name} must be >= {minimum}")
+    for flags, _, minimum, _ in INT_OPTIONS:
+        if minimum is not None and getattr(args, flags[0][2:]) < minimum:
+            raise SystemExit(f"{flags[0]} must be >= {minimum}")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     directions = 2 if args.bidirectional else 1

@@ -89,10 +89,6 @@ class GradientReport(NamedTuple):
         return "\n".join(lines)
 
 
-def _leaf_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def relative_error(candidate, reference, floor: float = 0.0) -> tuple[float, float]:
     """``(max |a - b|, max |a - b| / max(max |b|, floor))``; two zero arrays have error 0."""
     a, b = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
@@ -110,20 +106,18 @@ def _named_leaves(tree, fields: tuple[str, ...]) -> tuple[list[str], list, objec
     and the tuple's structure."""
     flat, structure = jax.tree_util.tree_flatten_with_path(tuple(tree))
     names = [
-        "/".join([fields[path[0].idx], *([_leaf_name(path[1:])] if path[1:] else [])])
+        "/".join(
+            [fields[path[0].idx], jax.tree_util.keystr(path[1:], simple=True, separator="/")]
+        ).rstrip("/")
         for path, _ in flat
     ]
     return names, [leaf for _, leaf in flat], structure
 
 
 def compare_gradients(
-    candidate: Gradients,
-    reference: Gradients,
-    *,
-    tolerance: float | None = None,
-    names: tuple[str, str] = ("manual", "auto"),
-    global_scale: bool = False,
-) -> GradientReport:
+    candidate: Gradients, reference: Gradients, *, tolerance: float | None = None,
+    names: tuple[str, str] = ("manual", "auto"), global_scale: bool = False,
+) -> GradientReport:  # fmt: skip
     """Compare two ``Gradients`` leaf by leaf (loss value, params, h0, xs).
 
     Args:
@@ -245,10 +239,10 @@ def _central_differences(
     return jax.vmap(quotient)(directions), loss_at(point)
 
 
-def _stacked_directions(point, per_leaf: list[np.ndarray]):
-    """Pytrees like ``point`` with a leading axis: leaf ``i``'s directions (rows of
-    ``per_leaf[i]``, flattened leaf-sized) in leaf ``i``, zeros in every other leaf."""
-    leaves, tree = jax.tree_util.tree_flatten(point)
+def _differences(at: _Point, per_leaf: list[np.ndarray], eps: float):
+    """``(central differences, L(p))`` along leaf ``i``'s directions (rows of ``per_leaf[i]``,
+    flattened leaf-sized; zero in every other leaf), all leaves' directions in order."""
+    leaves, tree = jax.tree_util.tree_flatten(at.point)
     total = sum(len(d) for d in per_leaf)
     stacked, start = [], 0
     for leaf, dirs in zip(leaves, per_leaf, strict=True):
@@ -256,7 +250,11 @@ def _stacked_directions(point, per_leaf: list[np.ndarray]):
         block[start : start + len(dirs)] = dirs.reshape(len(dirs), *np.shape(leaf))
         stacked.append(block)
         start += len(dirs)
-    return jax.tree_util.tree_unflatten(tree, stacked)
+    directions = jax.tree_util.tree_unflatten(tree, stacked)
+    diffs, value = _central_differences(
+        at.point, directions, eps, at.ids, at.targets, at.lengths, at.drops, **at.static
+    )
+    return np.asarray(diffs), value
 
 
 def finite_difference_gradients(params, xs, targets, *, cell, eps: float = FD_EPS, **bptt_kwargs):
@@ -269,12 +267,8 @@ def finite_difference_gradients(params, xs, targets, *, cell, eps: float = FD_EP
     """
     at = _float64_point(params, xs, targets, cell=cell, **bptt_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(at.point)
-    per_leaf = [np.eye(np.size(leaf)) for leaf in leaves]
-    directions = _stacked_directions(at.point, per_leaf)
-    diffs, value = _central_differences(
-        at.point, directions, eps, at.ids, at.targets, at.lengths, at.drops, **at.static
-    )
-    diffs, starts = np.asarray(diffs), np.cumsum([0] + [np.size(leaf) for leaf in leaves])
+    diffs, value = _differences(at, [np.eye(np.size(leaf)) for leaf in leaves], eps)
+    starts = np.cumsum([0] + [np.size(leaf) for leaf in leaves])
     grads = [
         diffs[a:b].reshape(np.shape(leaf))
         for leaf, a, b in zip(leaves, starts[:-1], starts[1:], strict=True)
@@ -284,19 +278,10 @@ def finite_difference_gradients(params, xs, targets, *, cell, eps: float = FD_EP
 
 
 def compare_directional(
-    candidate: Gradients,
-    params,
-    xs,
-    targets,
-    *,
-    cell,
-    num_directions: int = FD_DIRECTIONS,
-    eps: float = FD_EPS,
-    seed: int = 0,
-    tolerance: float = FD_TOLERANCE,
-    name: str = "manual",
+    candidate: Gradients, params, xs, targets, *, cell, num_directions: int = FD_DIRECTIONS,
+    eps: float = FD_EPS, seed: int = 0, tolerance: float = FD_TOLERANCE, name: str = "manual",
     **bptt_kwargs,
-) -> GradientReport:
+) -> GradientReport:  # fmt: skip
     """Check ``candidate`` (float64 ``Gradients`` of the model at these inputs) against central
     differences of the loss along ``num_directions`` unit directions per leaf.
 
@@ -336,11 +321,7 @@ def compare_directional(
             dirs[0] = g
         norms = np.linalg.norm(dirs, axis=1, keepdims=True)
         per_leaf.append(dirs / np.where(norms > 0, norms, 1.0) if g.size else dirs)
-    directions = _stacked_directions(at.point, per_leaf)
-    diffs, value = _central_differences(
-        at.point, directions, eps, at.ids, at.targets, at.lengths, at.drops, **at.static
-    )
-    diffs = np.asarray(diffs)
+    diffs, value = _differences(at, per_leaf, eps)
     scale = max([float(np.linalg.norm(g)) for g in grad_leaves] + [0.0])
     names = _named_leaves(grad_point, Gradients._fields[1:])[0]
     max_abs, rel = relative_error(candidate.loss, value)
@@ -359,26 +340,11 @@ def compare_directional(
     return GradientReport(name, "finite diff", tolerance, rows, measure)
 
 
-def _float64_kwargs(bptt_kwargs: dict) -> dict:
-    kw = dict(bptt_kwargs)
-    if kw.get("h0") is not None:
-        kw["h0"] = _to64(kw["h0"])
-    return kw
-
-
 def check_gradients(
-    params,
-    xs,
-    targets,
-    *,
-    cell,
-    finite_differences: bool = False,
-    modes: tuple[str, ...] = ("manual",),
-    num_directions: int = FD_DIRECTIONS,
-    eps: float = FD_EPS,
-    seed: int = 0,
-    **bptt_kwargs,
-) -> list[GradientReport]:
+    params, xs, targets, *, cell, finite_differences: bool = False,
+    modes: tuple[str, ...] = ("manual",), num_directions: int = FD_DIRECTIONS, eps: float = FD_EPS,
+    seed: int = 0, **bptt_kwargs,
+) -> list[GradientReport]:  # fmt: skip
     """Each of ``modes`` against ``bptt(mode="auto")`` (``jax.grad``), and the first of them
     against finite differences if asked.
 
@@ -409,23 +375,13 @@ def check_gradients(
         first = grads if first is None else first
         reports.append(compare_gradients(grads, auto, names=(mode, "auto")))
     if finite_differences:
-        kw64 = _float64_kwargs(bptt_kwargs)
+        kw64 = {**bptt_kwargs, "h0": _to64(bptt_kwargs.get("h0"))}  # None stays None
         if jnp.dtype(first.loss.dtype) != jnp.float64:
             first = bptt(_to64(params), _to64(xs), _to64(targets), cell=cell, mode=modes[0], **kw64)
-        reports.append(
-            compare_directional(
-                first,
-                params,
-                xs,
-                targets,
-                cell=cell,
-                num_directions=num_directions,
-                eps=eps,
-                seed=seed,
-                name=modes[0],
-                **kw64,
-            )
-        )
+        reports.append(compare_directional(
+            first, params, xs, targets, cell=cell, num_directions=num_directions, eps=eps,
+            seed=seed, name=modes[0], **kw64,
+        ))  # fmt: skip
     return reports
 
 
@@ -434,24 +390,11 @@ def check_gradients(
 
 
 def random_problem(
-    key,
-    cell,
-    loss: Loss | str = "mse",
-    *,
-    steps: int = 12,
-    batch: int = 3,
-    inputs: int = 4,
-    hidden: int = 6,
-    outputs: int = 3,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    residual=False,
-    dropout: float = 0.0,
-    random_lengths: bool = False,
-    random_h0: bool = False,
-    token_ids: bool = False,
-    dtype=jnp.float32,
-):
+    key, cell, loss: Loss | str = "mse", *, steps: int = 12, batch: int = 3, inputs: int = 4,
+    hidden: int = 6, outputs: int = 3, num_layers: int = 1, bidirectional: bool = False,
+    residual=False, dropout: float = 0.0, random_lengths: bool = False, random_h0: bool = False,
+    token_ids: bool = False, dtype=jnp.float32,
+):  # fmt: skip
     """A random model and batch for cross-checks: ``(params, xs, targets, kwargs)``.
 
     Args:
@@ -515,13 +458,12 @@ def random_problem(
     if random_h0:
         zero = get_cell(cell).zero_state((batch,), hidden, dtype)
         directions = ("fwd", "bwd") if bidirectional else ("fwd",)
+
+        def random_state(a):
+            return jnp.asarray(0.5 * rng.standard_normal(a.shape), dtype)
+
         h0 = [
-            {
-                name: jax.tree_util.tree_map(
-                    lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), dtype), zero
-                )
-                for name in directions
-            }
+            {name: jax.tree_util.tree_map(random_state, zero) for name in directions}
             for _ in range(num_layers)
         ]
     kwargs = dict(cell=cell, loss=loss, lengths=lengths, h0=h0, residual=residual)

@@ -60,10 +60,6 @@ class Checkpoint(NamedTuple):
     config: dict
 
 
-def _leaf_path(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def model_signature(params, cell, *, residual=False) -> dict:
     """What must match for a checkpoint to load into ``params``.
 
@@ -99,7 +95,7 @@ def model_signature(params, cell, *, residual=False) -> dict:
         "dtype": str(np.dtype(shape.dtype)),
         "tree": str(jax.tree_util.tree_structure(params)),
         "shapes": {
-            _leaf_path(path): list(np.shape(leaf))
+            jax.tree_util.keystr(path, simple=True, separator="/"): list(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         },
     }
@@ -123,7 +119,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -158,17 +158,9 @@ def remove_leftovers(directory: str | os.PathLike, keep: str | None = None) -> l
 
 
 def save_checkpoint(
-    directory: str | os.PathLike,
-    *,
-    step: int,
-    params,
-    opt_state,
-    key: jax.Array,
-    signature: dict,
-    carry=None,
-    skipped: int = 0,
-    config: dict | None = None,
-) -> Path:
+    directory: str | os.PathLike, *, step: int, params, opt_state, key: jax.Array, signature: dict,
+    carry=None, skipped: int = 0, config: dict | None = None,
+) -> Path:  # fmt: skip
     """Write a checkpoint of a training run into ``directory`` (created if missing).
 
     Args:
@@ -200,21 +192,14 @@ def save_checkpoint(
         key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
     else:
         key_data, key_impl = key, None
-    metadata = {
-        "format": FORMAT,
-        "step": int(step),
-        "skipped": int(skipped),
-        "key_data": np.asarray(key_data).astype(np.uint32).tolist(),
-        "key_impl": key_impl,
-        "signature": signature,
-        "leaves": counts,
-        "opt_state_tree": str(jax.tree_util.tree_structure(opt_state)),
-        "arrays": array_file,
-        "sha256": digest,
-        "config": config or {},
-    }
     # Encoded before anything is written: a value JSON cannot hold fails with the directory as is.
-    encoded = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    encoded = _json_bytes({
+        "format": FORMAT, "step": int(step), "skipped": int(skipped),
+        "key_data": np.asarray(key_data).astype(np.uint32).tolist(), "key_impl": key_impl,
+        "signature": signature, "leaves": counts,
+        "opt_state_tree": str(jax.tree_util.tree_structure(opt_state)), "arrays": array_file,
+        "sha256": digest, "config": config or {},
+    })  # fmt: skip
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / array_file, data)
@@ -262,13 +247,9 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(
-    directory: str | os.PathLike,
-    *,
-    params_template,
-    opt_state_template,
-    signature: dict,
+    directory: str | os.PathLike, *, params_template, opt_state_template, signature: dict,
     carry_template=None,
-) -> Checkpoint:
+) -> Checkpoint:  # fmt: skip
     """Read the checkpoint in ``directory`` into the structure of the templates.
 
     Args:

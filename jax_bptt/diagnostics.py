@@ -56,7 +56,13 @@ from jax_bptt.scan import (
     previous_states,
     scan_states,
 )
-from jax_bptt.validation import DIRECTIONS, check_choice, check_params, check_targets
+from jax_bptt.validation import (
+    DIRECTIONS,
+    check_choice,
+    check_params,
+    check_positive_int,
+    check_targets,
+)
 
 Array = jax.Array
 
@@ -368,9 +374,8 @@ def _exact_norms(params, h0, xs, lengths, *, cell: Cell, options: ScanOptions):
         product = product @ jacobian
         return product, product
 
-    eye = jnp.broadcast_to(
-        jnp.eye(state_size, dtype=xs.dtype), (batch_size, state_size, state_size)
-    )
+    eye = jnp.eye(state_size, dtype=xs.dtype)
+    eye = jnp.broadcast_to(eye, (batch_size, state_size, state_size))
     _, products = jax.lax.scan(chain, eye, jacobians, reverse=True)
     products = jnp.concatenate([products, eye[None]])  # (T+1, b, S, S)
     # The h -> h block: embed h into a state (other parts fixed), read h out of the state.
@@ -449,8 +454,7 @@ def jacobian_norms(
         a bad ``method`` or ``num_iters``, and inputs ``jax_bptt.unroll`` would reject.
     """
     check_choice("method", method, JACOBIAN_METHODS)
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    num_iters = check_positive_int("num_iters", num_iters)
     run = _one_recurrence("jacobian_norms", params, xs, cell=cell, lengths=lengths, h0=h0)
     args = (params["layers"][0]["fwd"], run.batch.h0[0]["fwd"], run.batch.xs, run.batch.lengths)
     if method == "exact":
@@ -465,17 +469,14 @@ def jacobian_norms(
 # The recurrent weights
 
 
-def _gate_names(cell: Cell) -> tuple[str, ...]:
-    if cell.num_gates == 1:
-        return ("W_hh",)
-    return GATE_NAMES.get(cell.name, tuple(f"block{k}" for k in range(cell.num_gates)))
-
-
 def _gate_blocks(cell: Cell, w_hh) -> list[tuple[str, Array]]:
-    hidden_size = w_hh.shape[0]
+    """``(name, (H, H) block)`` per gate of ``W_hh``: ``"W_hh"`` for one gate, else the gate's
+    letter (``GATE_NAMES``) or ``"block<k>"``."""
+    names = GATE_NAMES.get(cell.name, tuple(f"block{k}" for k in range(cell.num_gates)))
+    h = w_hh.shape[0]
     return [
-        (name, w_hh[:, k * hidden_size : (k + 1) * hidden_size])
-        for k, name in enumerate(_gate_names(cell))
+        (name, w_hh[:, k * h : (k + 1) * h])
+        for k, name in enumerate(("W_hh",) if cell.num_gates == 1 else names)
     ]
 
 
@@ -527,17 +528,12 @@ def recurrent_spectrum(
       for Elman cells; ``i, f, g, o`` for the LSTM; ``r, z, n`` for the GRU.
     """
     cell, ((index, name),) = _selected(params, cell, layer, direction, allow_all=False)
-    blocks = []
-    for block_name, block in _gate_blocks(cell, params["layers"][index][name]["W_hh"]):
-        matrix = np.asarray(block, np.float64)
-        blocks.append(
-            BlockSpectrum(
-                block_name,
-                np.linalg.svd(matrix, compute_uv=False),
-                float(np.max(np.abs(np.linalg.eigvals(matrix)))),
-            )
-        )
-    return blocks
+    blocks = _gate_blocks(cell, np.asarray(params["layers"][index][name]["W_hh"], np.float64))
+    return [
+        BlockSpectrum(block_name, np.linalg.svd(m, compute_uv=False),
+                      float(np.max(np.abs(np.linalg.eigvals(m)))))
+        for block_name, m in blocks
+    ]  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("cell", "selected"))

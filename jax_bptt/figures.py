@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jax_bptt.cells import get_cell
+from jax_bptt.validation import check_positive_int
 
 FORWARD_COLOR = "black"
 BACKWARD_COLOR = "tab:red"
@@ -39,12 +40,6 @@ def _check_path(path) -> str:
     return path
 
 
-def _check_size(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # The unrolled network
 
@@ -63,13 +58,7 @@ def _state_label(cell, t) -> str:
 
 
 def unrolled_network(
-    cell,
-    num_steps: int,
-    path,
-    *,
-    input_size: int = 2,
-    hidden_size: int = 16,
-    output_size: int = 1,
+    cell, num_steps: int, path, *, input_size: int = 2, hidden_size: int = 16, output_size: int = 1
 ) -> str:
     """Draw ``cell`` unrolled for ``num_steps`` steps and save it as a PNG at ``path``.
 
@@ -80,12 +69,12 @@ def unrolled_network(
     ``dL/dx_t``. The parameter shapes come from the cell's own ``init``. Returns ``path``.
     """
     cell = get_cell(cell)
-    num_steps = _check_size("num_steps", num_steps)
+    num_steps = check_positive_int("num_steps", num_steps)
     if num_steps > 8:
         raise ValueError(f"num_steps must be <= 8 for a readable picture, got {num_steps}")
-    input_size = _check_size("input_size", input_size)
-    hidden_size = _check_size("hidden_size", hidden_size)
-    output_size = _check_size("output_size", output_size)
+    input_size = check_positive_int("input_size", input_size)
+    hidden_size = check_positive_int("hidden_size", hidden_size)
+    output_size = check_positive_int("output_size", output_size)
     path = _check_path(path)
     shapes = _param_shapes(cell, input_size, hidden_size)
     shapes["W_hy"] = (hidden_size, output_size)
@@ -102,37 +91,17 @@ def unrolled_network(
     ax.axis("off")
 
     def node(x, y, text, face, w=1.1, h=0.62):
-        ax.add_patch(
-            FancyBboxPatch(
-                (x - w / 2, y - h / 2),
-                w,
-                h,
-                boxstyle="round,pad=0.04,rounding_size=0.15",
-                facecolor=face,
-                edgecolor="0.25",
-                linewidth=1.0,
-                zorder=3,
-            )
-        )
+        style = "round,pad=0.04,rounding_size=0.15"
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle=style, facecolor=face,
+                                    edgecolor="0.25", linewidth=1.0, zorder=3))  # fmt: skip
         ax.text(x, y, text, ha="center", va="center", fontsize=11, zorder=4)
 
     def arrow(start, end, color, dashed=False, label=None, offset=(0.0, 0.0)):
         """An arrow between box edges (the caller gives edge points), label at its middle."""
-        ax.annotate(
-            "",
-            xy=end,
-            xytext=start,
-            arrowprops=dict(
-                arrowstyle="-|>",
-                color=color,
-                lw=1.3,
-                linestyle=(0, (4, 3)) if dashed else "-",
-                shrinkA=1,
-                shrinkB=1,
-                mutation_scale=12,
-            ),
-            zorder=2,
-        )
+        line = (0, (4, 3)) if dashed else "-"
+        props = dict(arrowstyle="-|>", color=color, lw=1.3, linestyle=line, shrinkA=1, shrinkB=1,
+                     mutation_scale=12)  # fmt: skip
+        ax.annotate("", xy=end, xytext=start, arrowprops=props, zorder=2)
         if label:
             lx = (start[0] + end[0]) / 2 + offset[0]
             ly = (start[1] + end[1]) / 2 + offset[1]
@@ -172,26 +141,18 @@ def unrolled_network(
               label=f"$\\delta_{{{t}}} W_{{hh}}^{{\\top}}$", offset=(0, -0.3))  # fmt: skip
 
     gates = f", {cell.num_gates} gate blocks" if cell.num_gates > 1 else ""
-    ax.set_title(
-        f"{cell.name} unrolled for {num_steps} steps (D={input_size}, H={hidden_size}, "
-        f"O={output_size}{gates})",
-        fontsize=12,
-    )
+    sizes = f"D={input_size}, H={hidden_size}, O={output_size}{gates}"
+    ax.set_title(f"{cell.name} unrolled for {num_steps} steps ({sizes})", fontsize=12)
     shape_text = ",  ".join(
         f"{name} {'x'.join(map(str, shape))}" for name, shape in sorted(shapes.items())
     )
-    ax.text(
-        width / 2 - 1.0,
-        -0.95,
+    legend = (
         f"shared at every step:  {shape_text}\n"
         "solid: forward $h_t = f(x_t W_{xh} + b_h,\\ h_{t-1} W_{hh})$;   dashed red: backward, "
         "$\\delta_t = \\partial L / \\partial (h_{t-1} W_{hh})$,   "
-        "$dW_{hh} = \\sum_t h_{t-1}^{\\top} \\delta_t$",
-        ha="center",
-        va="center",
-        fontsize=8.5,
-        color="0.2",
+        "$dW_{hh} = \\sum_t h_{t-1}^{\\top} \\delta_t$"
     )
+    ax.text(width / 2 - 1.0, -0.95, legend, ha="center", va="center", fontsize=8.5, color="0.2")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -245,15 +206,9 @@ def line_panels(panels: Sequence[Panel], path, *, title: str | None = None) -> s
 
 
 def heatmap_panels(
-    matrices: Mapping[str, np.ndarray],
-    path,
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str | None = None,
-    floor: float = 1e-12,
-    origin: tuple[float, float] = (0.0, 0.0),
-) -> str:
+    matrices: Mapping[str, np.ndarray], path, *, xlabel: str, ylabel: str, title: str | None = None,
+    floor: float = 1e-12, origin: tuple[float, float] = (0.0, 0.0),
+) -> str:  # fmt: skip
     """Save side-by-side heatmaps on a shared log colour scale; returns ``path``.
 
     Entries at or below ``floor`` (e.g. the exact zeros of a causal structure) are left blank.
@@ -273,15 +228,11 @@ def heatmap_panels(
     image = None
     for ax, (name, m) in zip(axes, values.items(), strict=True):
         x0, y0 = origin[0] - 0.5, origin[1] - 0.5
+        extent = (x0, x0 + m.shape[1], y0, y0 + m.shape[0])
         image = ax.imshow(
-            np.ma.masked_less_equal(m, floor),
-            origin="lower",
-            norm=norm,
-            cmap="viridis",
-            aspect="auto",
-            interpolation="nearest",
-            extent=(x0, x0 + m.shape[1], y0, y0 + m.shape[0]),
-        )
+            np.ma.masked_less_equal(m, floor), origin="lower", norm=norm, cmap="viridis",
+            aspect="auto", interpolation="nearest", extent=extent,
+        )  # fmt: skip
         ax.set_title(name, fontsize=11)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

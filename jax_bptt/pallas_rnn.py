@@ -55,7 +55,6 @@ copy of every ``(t b ...)`` operand), and the backward materialises ``state_{t-1
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -282,7 +281,6 @@ def _gatewise(fn, num_gates: int):
 
 
 class _Layout(NamedTuple):
-    num_steps: int
     hidden_size: int
     num_gates: int
     batch_block: int
@@ -294,12 +292,23 @@ def _check_shape(name: str, array, expected: tuple, meaning: str):
         raise ValueError(f"{name} must have shape {meaning} = {expected}, got {array.shape}")
 
 
-def _layout(num_steps: int, batch: int, hidden: int, cell: Cell, options) -> _Layout:
+def _check_stack(name: str, x, width: int, what: str, mask):
+    """``(T, B)`` of the ``(T, B, width)`` operand ``x``, after checking it and ``mask``."""
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (T, B, {what}), got shape {x.shape}")
+    num_steps, batch, _ = x.shape
+    _check_shape(name, x, (num_steps, batch, width), f"(T, B, {what} of W_hh)")
+    if mask is not None:
+        _check_shape("mask", mask, (num_steps, batch), "(T, B)")
+    return num_steps, batch
+
+
+def _layout(batch: int, params, cell: Cell, options) -> _Layout:
     block = options.batch_block
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"batch_block must be a positive int, got {block!r}")
     padded = -(-batch // block) * block
-    return _Layout(num_steps, hidden, cell.num_gates, block, padded)
+    return _Layout(params["W_hh"].shape[0], cell.num_gates, block, padded)
 
 
 def _pad_batch(x, axis: int, padded: int):
@@ -311,15 +320,50 @@ def _pad_batch(x, axis: int, padded: int):
     return jnp.pad(x, widths)
 
 
-def _batch_spec(shape, time_major: bool):
+def _with_batch(shape, axis: int, size: int) -> tuple:
+    return (*shape[:axis], size, *shape[axis + 1 :])
+
+
+def _batch_spec(shape, axis: int):
     """Block over rows ``[i*bb, (i+1)*bb)`` of the batch axis, whole along every other axis."""
-    if time_major:
-        return pl.BlockSpec(shape, lambda i: (0, i) + (0,) * (len(shape) - 2))
-    return pl.BlockSpec(shape, lambda i: (i,) + (0,) * (len(shape) - 1))
+    return pl.BlockSpec(shape, lambda i: (0,) * axis + (i,) + (0,) * (len(shape) - axis - 1))
 
 
-def _whole_spec(shape):
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+def _batch_input(a, lay: _Layout, time_major: bool):
+    """``(input, BlockSpec)`` of an operand with its batch at axis 1 (``time_major``) or 0."""
+    axis = int(time_major)
+    block = _with_batch(a.shape, axis, lay.batch_block)
+    return _pad_batch(a, axis, lay.padded_batch), _batch_spec(block, axis)
+
+
+def _batch_output(shape, dtype, lay: _Layout, time_major: bool):
+    """``(ShapeDtypeStruct, BlockSpec)`` of an output with its batch at axis 1 or 0."""
+    axis = int(time_major)
+    full, block = (_with_batch(shape, axis, n) for n in (lay.padded_batch, lay.batch_block))
+    return jax.ShapeDtypeStruct(full, dtype), _batch_spec(block, axis)
+
+
+def _resident(params, options: PallasOptions):
+    """``([W_hh, *other kernel params], their names)``: what each program loads once; ``W_hh``
+    in ``options.weight_dtype`` if set. The projection params stay outside."""
+    names = sorted(k for k in params if k not in (*_PROJECTION_PARAMS, "W_hh"))
+    w_hh = params["W_hh"]
+    if options.weight_dtype is not None:
+        w_hh = w_hh.astype(options.weight_dtype)
+    arrays = [w_hh, *(params[k] for k in names)]
+    return [(a, pl.BlockSpec(a.shape, _whole_index(a.ndim))) for a in arrays], names
+
+
+def _whole_index(ndim: int):
+    return lambda i: (0,) * ndim
+
+
+def _load_resident(refs, names, lay: _Layout):
+    """``W_hh`` as G ``(H, H)`` tiles (loaded once per program and kept for all steps) and the
+    cell's other params as a dict."""
+    h = lay.hidden_size
+    w_tiles = [refs[0][:, pl.ds(g * h, h)] for g in range(lay.num_gates)]
+    return w_tiles, dict(zip(names, _read_all(refs[1:]), strict=True))
 
 
 def _load_step(ref, t, lay: _Layout):
@@ -340,10 +384,15 @@ def _store_step(ref, t, value, lay: _Layout):
         ref[t] = value.astype(ref.dtype)
 
 
-def _load_weight_tiles(w_ref, lay: _Layout):
-    """``W_hh`` as G ``(H, H)`` tiles, loaded once per program and kept for all steps."""
-    h = lay.hidden_size
-    return [w_ref[:, pl.ds(g * h, h)] for g in range(lay.num_gates)]
+def _store_steps(refs, t, tree, lay: _Layout):
+    """Step ``t`` of each leaf of ``tree`` (``_Gates`` are leaves) into its ref."""
+    for ref, leaf in zip(refs, jax.tree_util.tree_leaves(tree), strict=True):
+        _store_step(ref, t, leaf, lay)
+
+
+def _store_all(refs, tree):
+    for ref, leaf in zip(refs, jax.tree_util.tree_leaves(tree), strict=True):
+        ref[...] = leaf.astype(ref.dtype)
 
 
 def _dot(a, w, *, transpose_w: bool, options: PallasOptions, out_dtype):
@@ -376,18 +425,11 @@ def _read_all(refs):
     return [r[...] for r in refs]
 
 
-def _cell_params(params) -> dict:
-    return {k: v for k, v in params.items() if k not in _PROJECTION_PARAMS}
-
-
-def _is_interpret(options: PallasOptions) -> bool:
-    if options.interpret is None:
-        return jax.default_backend() != "gpu"
-    return bool(options.interpret)
-
-
-def _call(kernel, out_shape, grid, in_specs, out_specs, options: PallasOptions, name: str):
-    interpret = _is_interpret(options)
+def _launch(kernel, inputs, outputs, lay: _Layout, options: PallasOptions, name: str):
+    """Run ``kernel`` over the batch blocks; ``inputs``/``outputs`` are ``(value, BlockSpec)``
+    pairs. Returns the outputs (still padded)."""
+    interpret = options.interpret
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     compiler_params = None
     if not interpret:  # Triton: the Mosaic GPU lowering has no dot_general/split rules
         from jax.experimental.pallas import triton as pl_triton
@@ -395,16 +437,13 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, options: PallasOptions, 
         compiler_params = pl_triton.CompilerParams(
             num_warps=options.num_warps, num_stages=options.num_stages
         )
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        interpret=interpret,
-        compiler_params=compiler_params,
-        name=name,
-    )
+    (values, in_specs), (out_shape, out_specs) = (zip(*x, strict=True) for x in (inputs, outputs))
+    call = pl.pallas_call(
+        kernel, out_shape=list(out_shape), grid=(lay.padded_batch // lay.batch_block,),
+        in_specs=list(in_specs), out_specs=list(out_specs), interpret=interpret,
+        compiler_params=compiler_params, name=name,
+    )  # fmt: skip
+    return call(*values)
 
 
 def _split_refs(refs, counts):
@@ -420,62 +459,36 @@ def _split_refs(refs, counts):
 
 
 def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: PallasOptions):
-    if xp.ndim != 3:
-        raise ValueError(f"xp must be (T, B, G*H), got shape {xp.shape}")
-    num_steps, batch, gate_width = xp.shape
-    _check_shape("xp", xp, (num_steps, batch, params["W_hh"].shape[1]), "(T, B, G*H of W_hh)")
-    if mask is not None:
-        _check_shape("mask", mask, (num_steps, batch), "(T, B)")
+    num_steps, batch = _check_stack("xp", xp, params["W_hh"].shape[1], "G*H", mask)
     if num_steps == 0:  # nothing to fuse; the XLA scan returns the empty stacks
         return scan_states(cell, params, xp, h0, mask, reverse, unroll)
-    hidden = params["W_hh"].shape[0]
-    lay = _layout(num_steps, batch, hidden, cell, options)
-    bb, padded = lay.batch_block, lay.padded_batch
-    extras = _cell_params(params)
-    extras.pop("W_hh")
-    extra_names = sorted(extras)
-    w_hh = params["W_hh"]
-    if options.weight_dtype is not None:
-        w_hh = w_hh.astype(options.weight_dtype)
-
+    lay = _layout(batch, params, cell, options)
+    resident, names = _resident(params, options)
     h0_leaves, state_tree = jax.tree_util.tree_flatten(h0)
     xp_t = jax.ShapeDtypeStruct(xp.shape[1:], xp.dtype)
     step_shape = jax.eval_shape(cell.forward, params, xp_t, xp_t, h0)  # leaves (b ...)
-    out_state_leaves, _ = jax.tree_util.tree_flatten(step_shape[0])
+    out_state_leaves = jax.tree_util.tree_leaves(step_shape[0])
     res_leaves, res_tree = jax.tree_util.tree_flatten(step_shape[1])
     has_mask = mask is not None
 
-    inputs = [_pad_batch(xp, 1, padded), *(_pad_batch(a, 0, padded) for a in h0_leaves)]
-    in_specs = [_batch_spec((num_steps, bb, gate_width), True)]
-    in_specs += [_batch_spec((bb, *a.shape[1:]), False) for a in h0_leaves]
+    inputs = [_batch_input(xp, lay, True), *(_batch_input(a, lay, False) for a in h0_leaves)]
     if has_mask:
-        inputs.append(_pad_batch(mask.astype(jnp.int32), 1, padded))
-        in_specs.append(_batch_spec((num_steps, bb), True))
-    inputs.append(w_hh)
-    in_specs.append(_whole_spec(w_hh.shape))
-    inputs += [extras[k] for k in extra_names]
-    in_specs += [_whole_spec(extras[k].shape) for k in extra_names]
-
-    def stacked(leaf):
-        return jax.ShapeDtypeStruct((num_steps, padded, *leaf.shape[1:]), leaf.dtype)
-
-    out_shape = [jax.ShapeDtypeStruct((padded, *a.shape[1:]), a.dtype) for a in out_state_leaves]
-    out_shape += [stacked(a) for a in out_state_leaves] + [stacked(a) for a in res_leaves]
-    out_specs = [_batch_spec((bb, *a.shape[1:]), False) for a in out_state_leaves]
-    out_specs += [_batch_spec((num_steps, bb, *a.shape[1:]), True) for a in out_state_leaves]
-    out_specs += [_batch_spec((num_steps, bb, *a.shape[1:]), True) for a in res_leaves]
-
+        inputs.append(_batch_input(mask.astype(jnp.int32), lay, True))
+    inputs += resident
+    outputs = [_batch_output(a.shape, a.dtype, lay, False) for a in out_state_leaves]
+    outputs += [
+        _batch_output((num_steps, *a.shape), a.dtype, lay, True)
+        for a in out_state_leaves + res_leaves
+    ]
     n_state, n_res = len(h0_leaves), len(res_leaves)
     forward = _gatewise(cell.forward, lay.num_gates)
 
     def kernel(*refs):
-        (xp_ref,), h0_refs, mask_refs, (w_ref,), extra_refs, final_refs, state_refs, res_refs = (
-            _split_refs(
-                refs, [1, n_state, int(has_mask), 1, len(extra_names), n_state, n_state, n_res]
-            )
+        counts = [1, n_state, int(has_mask), len(resident), n_state, n_state, n_res]
+        (xp_ref,), h0_refs, mask_refs, resident_refs, final_refs, state_refs, res_refs = (
+            _split_refs(refs, counts)
         )
-        w_tiles = _load_weight_tiles(w_ref, lay)
-        cell_params = dict(zip(extra_names, _read_all(extra_refs), strict=True))
+        w_tiles, cell_params = _load_resident(resident_refs, names, lay)
         state0 = jax.tree_util.tree_unflatten(state_tree, _read_all(h0_refs))
 
         def step(k, state):
@@ -487,27 +500,14 @@ def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: Pal
             new_state, residuals = forward(cell_params, _load_step(xp_ref, t, lay), hp, state)
             if has_mask:
                 new_state = select(mask_refs[0][t] != 0, new_state, state)
-            for ref, leaf in zip(state_refs, jax.tree_util.tree_leaves(new_state), strict=True):
-                _store_step(ref, t, leaf, lay)
-            res_flat = jax.tree_util.tree_leaves(residuals, is_leaf=lambda x: isinstance(x, _Gates))
-            for ref, leaf in zip(res_refs, res_flat, strict=True):
-                _store_step(ref, t, leaf, lay)
+            _store_steps(state_refs, t, new_state, lay)
+            _store_steps(res_refs, t, residuals, lay)
             return new_state
 
-        final = _run_steps(num_steps, unroll, step, state0)
-        for ref, leaf in zip(final_refs, jax.tree_util.tree_leaves(final), strict=True):
-            ref[...] = leaf.astype(ref.dtype)
+        _store_all(final_refs, _run_steps(num_steps, unroll, step, state0))
 
-    call = _call(
-        kernel,
-        out_shape,
-        (padded // bb,),
-        in_specs,
-        out_specs,
-        options,
-        f"{cell.name}_forward",
-    )
-    outs = call(*inputs)  # drop the padding rows: final states (b ...), stacks (t b ...)
+    outs = _launch(kernel, inputs, outputs, lay, options, f"{cell.name}_forward")
+    # drop the padding rows: final states (b ...), stacks (t b ...)
     outs = [o[:batch] for o in outs[:n_state]] + [o[:, :batch] for o in outs[n_state:]]
     final_leaves, state_stack, res_stack = _split_refs(outs, [n_state, n_state, n_res])
     return jax.tree_util.tree_unflatten(state_tree, final_leaves), (
@@ -521,24 +521,11 @@ def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: Pal
 
 
 def _backward_deltas(
-    cell: Cell,
-    params,
-    h0,
-    mask,
-    states,
-    saved,
-    d_hs,
-    d_final,
-    reverse,
-    unroll,
+    cell: Cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll,
     options: PallasOptions,
-) -> Deltas:
-    if d_hs.ndim != 3:
-        raise ValueError(f"d_hs must be (T, B, H), got shape {d_hs.shape}")
-    num_steps, batch, hidden = d_hs.shape
-    _check_shape("d_hs", d_hs, (num_steps, batch, params["W_hh"].shape[0]), "(T, B, H of W_hh)")
-    if mask is not None:
-        _check_shape("mask", mask, (num_steps, batch), "(T, B)")
+) -> Deltas:  # fmt: skip
+    hidden = params["W_hh"].shape[0]
+    num_steps, batch = _check_stack("d_hs", d_hs, hidden, "H", mask)
     if getattr(cell, "pointwise_params", ()):  # Deltas.d_pointwise is not written by the kernel
         raise NotImplementedError(
             f"the Pallas backward forms no gradients of cell {cell.name!r}'s pointwise params "
@@ -548,67 +535,44 @@ def _backward_deltas(
         return backward_deltas(
             cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse
         )
-    lay = _layout(num_steps, batch, hidden, cell, options)
-    bb, padded = lay.batch_block, lay.padded_batch
-    gate_width = lay.num_gates * hidden
-    extras = _cell_params(params)
-    extras.pop("W_hh")
-    extra_names = sorted(extras)
-    w_hh = params["W_hh"]
-    if options.weight_dtype is not None:
-        w_hh = w_hh.astype(options.weight_dtype)
+    lay = _layout(batch, params, cell, options)
+    resident, names = _resident(params, options)
     has_mask = mask is not None
-
     states_prev = previous_states(h0, states, reverse=reverse)
     d_final_leaves, state_tree = jax.tree_util.tree_flatten(d_final)
     prev_leaves = jax.tree_util.tree_leaves(states_prev)
     res_leaves, res_tree = jax.tree_util.tree_flatten(saved)
     n_state, n_res = len(d_final_leaves), len(res_leaves)
 
-    def time_major(a):
-        return _pad_batch(a, 1, padded), _batch_spec((num_steps, bb, *a.shape[2:]), True)
-
-    pieces = [time_major(d_hs)]
-    pieces += [(_pad_batch(a, 0, padded), _batch_spec((bb, *a.shape[1:]), False))
-               for a in d_final_leaves]  # fmt: skip
-    pieces += [time_major(a) for a in prev_leaves] + [time_major(a) for a in res_leaves]
+    inputs = [_batch_input(d_hs, lay, True), *(_batch_input(a, lay, False) for a in d_final_leaves)]
+    inputs += [_batch_input(a, lay, True) for a in prev_leaves + res_leaves]
     if has_mask:
-        pieces.append(time_major(mask.astype(jnp.int32)))
-    pieces.append((w_hh, _whole_spec(w_hh.shape)))
-    pieces += [(extras[k], _whole_spec(extras[k].shape)) for k in extra_names]
-    inputs, in_specs = (list(x) for x in zip(*pieces, strict=True))
-
+        inputs.append(_batch_input(mask.astype(jnp.int32), lay, True))
+    inputs += resident
     dtype = d_hs.dtype
-    out_shape = [jax.ShapeDtypeStruct((padded, *a.shape[1:]), a.dtype) for a in d_final_leaves]
-    out_shape += [jax.ShapeDtypeStruct((num_steps, padded, gate_width), dtype)] * 2
-    out_specs = [_batch_spec((bb, *a.shape[1:]), False) for a in d_final_leaves]
-    out_specs += [_batch_spec((num_steps, bb, gate_width), True)] * 2
+    outputs = [_batch_output(a.shape, a.dtype, lay, False) for a in d_final_leaves]
+    outputs += [_batch_output((num_steps, batch, lay.num_gates * hidden), dtype, lay, True)] * 2
     n_d_states = n_state if options.with_d_states else 0
     if options.with_d_states:
-        out_shape += [
-            jax.ShapeDtypeStruct((num_steps, padded, *a.shape[1:]), a.dtype) for a in d_final_leaves
+        outputs += [
+            _batch_output((num_steps, *a.shape), a.dtype, lay, True) for a in d_final_leaves
         ]
-        out_specs += [_batch_spec((num_steps, bb, *a.shape[1:]), True) for a in d_final_leaves]
-
     backward = _gatewise(cell.backward, lay.num_gates)
 
     def kernel(*refs):
-        counts = [1, n_state, n_state, n_res, int(has_mask), 1, len(extra_names), n_state, 2]
-        counts.append(n_d_states)
+        counts = [1, n_state, n_state, n_res, int(has_mask), len(resident), n_state, 2]
         (
             (d_hs_ref,),
             d_final_refs,
             prev_refs,
             res_refs,
             mask_refs,
-            (w_ref,),
-            extra_refs,
+            resident_refs,
             d_h0_refs,
             (d_xp_ref, d_hp_ref),
             d_states_refs,
-        ) = _split_refs(refs, counts)
-        w_tiles = _load_weight_tiles(w_ref, lay)
-        cell_params = dict(zip(extra_names, _read_all(extra_refs), strict=True))
+        ) = _split_refs(refs, [*counts, n_d_states])
+        w_tiles, cell_params = _load_resident(resident_refs, names, lay)
         d_state0 = jax.tree_util.tree_unflatten(state_tree, _read_all(d_final_refs))
 
         def step(k, d_state):
@@ -616,60 +580,40 @@ def _backward_deltas(
             d_out = d_hs_ref[t]
             if has_mask:  # outputs past a length are constant zeros: no gradient from them
                 in_sequence = mask_refs[0][t] != 0
-                d_out = jnp.where(in_sequence[:, None], d_out, 0)
+                d_out = _rows_only(in_sequence, d_out)
             d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_out)
             if options.with_d_states:
-                for ref, leaf in zip(
-                    d_states_refs, jax.tree_util.tree_leaves(d_state), strict=True
-                ):
-                    ref[t] = leaf.astype(ref.dtype)
+                _store_steps(d_states_refs, t, d_state, lay)
             state_prev = jax.tree_util.tree_unflatten(state_tree, [r[t] for r in prev_refs])
             res_t = jax.tree_util.tree_unflatten(
                 res_tree, [_load_step(r, t, lay) for r in res_refs]
             )
             d_prev, d_xp, d_hp = backward(cell_params, res_t, state_prev, d_state)
             d_hp_tiles = d_hp.parts if isinstance(d_hp, _Gates) else (d_hp,)
-            recurrent = _dot(d_hp_tiles[0], w_tiles[0], transpose_w=True, options=options,
-                             out_dtype=dtype)  # fmt: skip
-            for tile, w in zip(d_hp_tiles[1:], w_tiles[1:], strict=True):
-                recurrent += _dot(tile, w, transpose_w=True, options=options, out_dtype=dtype)
+            dots = [_dot(tile, w, transpose_w=True, options=options, out_dtype=dtype)
+                    for tile, w in zip(d_hp_tiles, w_tiles, strict=True)]  # fmt: skip
+            recurrent = sum(dots[1:], dots[0])
             d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + recurrent)
             if has_mask:  # past the length the state was frozen: pass d_state through
                 d_prev = select(in_sequence, d_prev, d_state)
-                keep = functools.partial(_where_rows, in_sequence)
-                d_xp, d_hp = _map_tiles(keep, d_xp), _map_tiles(keep, d_hp)
-            _store_step(d_xp_ref, t, d_xp, lay)
-            _store_step(d_hp_ref, t, d_hp, lay)
+                d_xp, d_hp = _rows_only(in_sequence, d_xp), _rows_only(in_sequence, d_hp)
+            _store_steps((d_xp_ref, d_hp_ref), t, (d_xp, d_hp), lay)
             return d_prev
 
-        d_h0 = _run_steps(num_steps, unroll, step, d_state0)
-        for ref, leaf in zip(d_h0_refs, jax.tree_util.tree_leaves(d_h0), strict=True):
-            ref[...] = leaf.astype(ref.dtype)
+        _store_all(d_h0_refs, _run_steps(num_steps, unroll, step, d_state0))
 
-    call = _call(
-        kernel,
-        out_shape,
-        (padded // bb,),
-        in_specs,
-        out_specs,
-        options,
-        f"{cell.name}_backward",
-    )
-    outs = call(*inputs)
+    outs = _launch(kernel, inputs, outputs, lay, options, f"{cell.name}_backward")
     d_h0 = jax.tree_util.tree_unflatten(state_tree, [o[:batch] for o in outs[:n_state]])
     d_xp, d_hp, *d_states = (o[:, :batch] for o in outs[n_state:])
     d_states = jax.tree_util.tree_unflatten(state_tree, d_states) if d_states else None
     return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states)
 
 
-def _where_rows(rows, x):
-    return jnp.where(rows[:, None], x, 0)
-
-
-def _map_tiles(fn, value):
+def _rows_only(rows, value):
+    """``value`` (``(b, ...)``, or ``_Gates`` of such tiles) with the rows not in ``rows`` zero."""
     if isinstance(value, _Gates):
-        return _Gates(fn(tile) for tile in value.parts)
-    return fn(value)
+        return _Gates(_rows_only(rows, tile) for tile in value.parts)
+    return jnp.where(rows[:, None], value, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,17 +661,7 @@ def pallas_scan_states(cell: Cell, params, xp, h0, mask=None, reverse=False, unr
 
 
 def pallas_backward_deltas(
-    cell: Cell,
-    params,
-    h0,
-    mask,
-    states,
-    saved,
-    d_hs,
-    d_final,
-    *,
-    reverse: bool = False,
-    unroll: int = 1,
+    cell: Cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1
 ) -> Deltas:
     """``jax_bptt.scan.backward_deltas`` as one fused kernel launch (default ``PallasOptions``).
 

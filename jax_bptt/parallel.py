@@ -110,7 +110,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_bptt.losses import PLACEMENTS, Loss
-from jax_bptt.validation import check_choice
+from jax_bptt.validation import check_choice, check_positive_int
 
 BATCH_AXIS = "batch"
 # jax.distributed.initialize's explicit arguments, read from these variables.
@@ -227,26 +227,25 @@ def check_divisible(batch: Mapping[str, Any], num_devices: int, *, placement="pe
     return batch_size
 
 
-def shard_batch(
-    batch: Mapping[str, Any],
-    mesh: Mesh,
-    *,
-    placement: str = "per_step",
-    axis_name: str | None = None,
-) -> dict:
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, placement="per_step", axis_name=None):
     """Split a dict of train-step arguments (``xs``, ``targets``, ``h0``, ``lengths``; None values
-    pass through) along their batch axes over the mesh (see ``batch_dims``).
+    pass through) along their batch axes over the mesh (see ``batch_dims``); returns a dict.
 
     Raises:
       ValueError: the batch size is not a multiple of the mesh axis size.
     """
     axis_name = _axis_of(mesh, axis_name)
     check_divisible(batch, mesh.shape[axis_name], placement=placement)
+    return _map_batch(
+        lambda x, dim: _put(x, batch_sharding(mesh, dim, axis_name)), batch, placement
+    )
+
+
+def _map_batch(fn, batch: Mapping[str, Any], placement) -> dict:
+    """``fn(leaf, batch_dim)`` on every leaf of a train-step batch dict."""
     dims = batch_dims(placement)
     return {
-        name: jax.tree_util.tree_map(
-            lambda x, dim=dims[name]: _put(x, batch_sharding(mesh, dim, axis_name)), value
-        )
+        name: jax.tree_util.tree_map(functools.partial(fn, dim=dims[name]), value)
         for name, value in batch.items()
     }
 
@@ -258,8 +257,7 @@ def pad_batch(batch: Mapping[str, Any], multiple: int, *, placement: str = "per_
     so with either reduction the loss and gradients equal the unpadded batch's (not for
     truncated BPTT, which takes no ``lengths``). Returns the padded dict.
     """
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    multiple = check_positive_int("multiple", multiple)
     if batch.get("xs") is None:
         raise ValueError("pad_batch needs batch['xs'] (T, B, D) to know T and B")
     batch_size = check_divisible(batch, 1, placement=placement)
@@ -272,18 +270,13 @@ def pad_batch(batch: Mapping[str, Any], multiple: int, *, placement: str = "per_
         lengths = xp.full((batch_size,), num_steps, np.int32)
     if padding == 0:
         return {**batch, "lengths": lengths}
-    dims = batch_dims(placement)
 
     def pad(x, dim):
         widths = [(0, 0)] * np.ndim(x)
         widths[dim] = (0, padding)
         return xp.pad(x, widths)  # zeros: finite inputs, valid class id 0
 
-    padded = {
-        name: jax.tree_util.tree_map(functools.partial(pad, dim=dims[name]), value)
-        for name, value in batch.items()
-        if name != "lengths"
-    }
+    padded = _map_batch(pad, {k: v for k, v in batch.items() if k != "lengths"}, placement)
     padded["lengths"] = pad(lengths, 0)  # the new rows get length 0: no loss, no gradient
     return padded
 
@@ -293,11 +286,7 @@ def pad_batch(batch: Mapping[str, Any], multiple: int, *, placement: str = "per_
 
 
 def data_parallel_step(
-    train_step: Callable,
-    mesh: Mesh,
-    *,
-    placement: str = "per_step",
-    axis_name: str | None = None,
+    train_step: Callable, mesh: Mesh, *, placement="per_step", axis_name=None
 ) -> Callable:
     """Run a ``make_train_step`` step data-parallel over ``mesh``; same call signature.
 
@@ -411,11 +400,7 @@ def maybe_initialize_distributed(
 
 
 def process_batch_slice(
-    global_batch: Mapping[str, Any],
-    process_index: int,
-    process_count: int,
-    *,
-    placement: str = "per_step",
+    global_batch: Mapping[str, Any], process_index: int, process_count: int, *, placement="per_step"
 ) -> dict:
     """This process's rows of a global batch: the contiguous block
     ``[i B / P, (i + 1) B / P)`` of the batch axis of every array (``B`` a multiple of ``P``).
@@ -438,38 +423,24 @@ def process_batch_slice(
         )
     rows = batch_size // process_count
     start = process_index * rows
-    dims = batch_dims(placement)
 
     def take(x, dim):
-        index = [slice(None)] * np.ndim(x)
-        index[dim] = slice(start, start + rows)
-        return x[tuple(index)]
+        return x[(slice(None),) * dim + (slice(start, start + rows),)]
 
-    return {
-        name: jax.tree_util.tree_map(functools.partial(take, dim=dims[name]), value)
-        for name, value in global_batch.items()
-    }
+    return _map_batch(take, global_batch, placement)
 
 
 def make_global_batch(
-    local_batch: Mapping[str, Any],
-    mesh: Mesh,
-    *,
-    placement: str = "per_step",
-    axis_name: str | None = None,
+    local_batch: Mapping[str, Any], mesh: Mesh, *, placement="per_step", axis_name=None
 ) -> dict:
     """Global batch-sharded arrays from each process's rows
     (``jax.make_array_from_process_local_data``); the global batch is the processes' rows
     together. In a single process this equals ``shard_batch(local_batch, mesh)``."""
     axis_name = _axis_of(mesh, axis_name)
     check_divisible(local_batch, 1, placement=placement)
-    dims = batch_dims(placement)
 
     def assemble(x, dim):
         sharding = batch_sharding(mesh, dim, axis_name)
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
-    return {
-        name: jax.tree_util.tree_map(functools.partial(assemble, dim=dims[name]), value)
-        for name, value in local_batch.items()
-    }
+    return _map_batch(assemble, local_batch, placement)

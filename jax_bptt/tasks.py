@@ -45,7 +45,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Argument checking helpers
-# --------------------------------------------------------------------------------------------
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -74,7 +73,6 @@ def _check_ids(name: str, ids, min_len: int):
 
 # --------------------------------------------------------------------------------------------
 # Adding problem
-# --------------------------------------------------------------------------------------------
 
 # Predicting the constant E[U1 + U2] = 1 is the best input-independent guess; its MSE is
 # Var(U1 + U2) = Var(U1) + Var(U2) = 2 * (1 - 0)^2 / 12 = 1/6 for independent U[0, 1] values.
@@ -127,7 +125,6 @@ def adding_problem(key, batch_size: int, seq_len: int, dtype=jnp.float32):
 
 # --------------------------------------------------------------------------------------------
 # Copy memory
-# --------------------------------------------------------------------------------------------
 
 
 def copy_memory_vocab_size(num_symbols: int = 8) -> int:
@@ -202,7 +199,6 @@ def copy_memory(key, batch_size: int, delay: int, num_symbols: int = 8, copy_len
 
 # --------------------------------------------------------------------------------------------
 # Character corpus
-# --------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -383,7 +379,6 @@ def char_stream(ids, batch_size: int):
 
 # --------------------------------------------------------------------------------------------
 # N-gram reference baselines
-# --------------------------------------------------------------------------------------------
 
 
 def _check_ngram_args(train_ids, val_ids, vocab_size, smoothing):

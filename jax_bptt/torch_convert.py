@@ -29,6 +29,7 @@ transposed to ``(T, B, D)``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -301,21 +302,14 @@ def to_torch(params, cell) -> dict:
         for name, suffix in DIRECTIONS:
             if name not in directions:
                 continue
-            p = directions[name]
-            hidden_size = p["W_hh"].shape[0]
-            b_h = np.asarray(p["b_h"])
-            if cell.name == "gru":
-                b_hh = np.concatenate(
-                    [np.zeros_like(b_h[: 2 * hidden_size]), np.asarray(p["b_hn"])]
-                )
-            else:
-                b_hh = np.zeros_like(b_h)
-            for key, value in (
-                ("weight_ih", np.asarray(p["W_xh"]).T),
-                ("weight_hh", np.asarray(p["W_hh"]).T),
-                ("bias_ih", b_h),
-                ("bias_hh", b_hh),
-            ):
+            p = {k: np.asarray(v) for k, v in directions[name].items()}
+            b_hh = np.zeros_like(p["b_h"])
+            if cell.name == "gru":  # [0, 0, b_hn]
+                b_hh[-p["b_hn"].shape[0] :] = p["b_hn"]
+            values = dict(
+                weight_ih=p["W_xh"].T, weight_hh=p["W_hh"].T, bias_ih=p["b_h"], bias_hh=b_hh
+            )
+            for key, value in values.items():
                 state_dict[f"{key}_l{layer}{suffix}"] = _torch_tensor(torch, value)
     return state_dict
 
@@ -360,19 +354,13 @@ def to_torch_modules(params, cell):
     layers = _layers_of(params, cell)
     first = layers[0]["fwd"]
     dtype = _torch_tensor(torch, first["W_xh"][:0]).dtype
-    kwargs = dict(
-        input_size=first["W_xh"].shape[0],
-        hidden_size=first["W_hh"].shape[0],
-        num_layers=len(layers),
-        bidirectional="bwd" in layers[0],
-        dtype=dtype,
-    )
-    if cell.name == "lstm":
-        rnn = torch.nn.LSTM(**kwargs)
-    elif cell.name == "gru":
-        rnn = torch.nn.GRU(**kwargs)
+    input_size, hidden_size = first["W_xh"].shape[0], first["W_hh"].shape[0]
+    kwargs = dict(num_layers=len(layers), bidirectional="bwd" in layers[0], dtype=dtype)
+    if cell.name in ("lstm", "gru"):
+        module = getattr(torch.nn, cell.name.upper())
     else:
-        rnn = torch.nn.RNN(nonlinearity=cell.name.removeprefix("elman_"), **kwargs)
+        module = functools.partial(torch.nn.RNN, nonlinearity=cell.name.removeprefix("elman_"))
+    rnn = module(input_size, hidden_size, **kwargs)
     rnn.load_state_dict(to_torch(params, cell))
     head = None
     if params.get("readout") is not None:
