@@ -35,8 +35,8 @@ class Backend(NamedTuple):
       backward_deltas: ``(cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse,
         unroll) -> Deltas``, as ``jax_bptt.scan.backward_deltas``.
 
-    With resets inside a sequence both are also called with the keywords ``restart`` and
-    ``h_reset`` (never without them), as the ``jax_bptt.scan`` functions take them.
+    With resets inside a sequence (and only then) both are also called with the keywords
+    ``restart`` and ``h_reset``, as the ``jax_bptt.scan`` functions take them.
     """
 
     scan_states: Callable

@@ -20,6 +20,11 @@ States (``h0`` and the final states) are lists with one ``{"fwd": state, "bwd": 
 layer, each state as in ``jax_bptt.cells`` (leaves ``(b h)``). A backward direction's final state
 is its state after step 0.
 
+``resets (t b)`` bool marks segment starts: before such a step every layer's forward direction
+restarts from ``h0``, and a backward direction restarts where the *next* step starts a segment
+(``scan.restart_mask``), so a row packed with several sequences runs each on its own, in both
+directions. No gradient crosses a restart; ``d h0`` sums the restarts' gradients.
+
 ``placement="last_step"`` (many-to-one) reads the readout off a summary of the top layer's output:
 its forward half at ``t = length - 1`` and, when bidirectional, its backward half at ``t = 0``
 (where the backward pass ends). Without residual connections that is PyTorch's
@@ -330,16 +335,12 @@ def stack_backward(
                 if d_finals is None
                 else d_finals[i][name]
             )
-            restart, restart_state = _restarts(
-                resets, reverse, h0 if h_reset is None else h_reset, i, name
-            )
-            d_layers[i][name], d_h0[i][name], d_x, d_reset = backward_scan(
+            d_layers[i][name], d_h0[i][name], d_x = backward_scan(
                 cell, p, tape.inputs, h0[i][name], mask, states, saved,
-                d_out[..., offset : offset + size], d_final,
-                reverse=reverse, unroll=options.unroll, restart=restart, h_reset=restart_state,
+                d_out[..., offset : offset + size], d_final, reverse=reverse,
+                unroll=options.unroll, restart=restart_mask(resets, reverse),
+                h_reset=None if h_reset is None else h_reset[i][name],
             )  # fmt: skip
-            if d_reset is not None and h_reset is None:  # restarts from h0: one gradient
-                d_h0[i][name] = jax.tree_util.tree_map(jnp.add, d_h0[i][name], d_reset)
             d_inputs = None if d_x is None else d_inputs + d_x  # token ids have no gradient
             offset += size
         d_out = d_inputs if drops is None or i == 0 else d_inputs * drops[i - 1]

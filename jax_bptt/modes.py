@@ -15,6 +15,9 @@
   unidirectional stack the whole model (every layer, readout and loss) runs segment by segment
   under ``jax.checkpoint``; a bidirectional layer recomputes its segments per direction.
 
+Every mode takes ``resets`` (segment starts, ``jax_bptt.model``): the hand-written backward stops
+at a restart and adds its gradient to ``d h0``; DEER zeroes that step's Jacobian.
+
 All return ``Gradients(loss, params, h0, xs)``: the gradient pytree of the model params plus the
 gradients with respect to the initial states and the inputs (what truncated BPTT needs). Each
 validates its inputs once and then runs one ``jax.jit``-compiled core; they also work inside a

@@ -255,11 +255,17 @@ def backward_scan(
     cell: Cell, params, xs, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1,
     restart=None, h_reset=None,
 ):  # fmt: skip
-    """The VJP of one recurrence from its forward's saved values: ``(d_params, d_h0, d_xs,
-    d_reset)`` (``d_reset`` None without restarts)."""
+    """The VJP of one recurrence from its forward's saved values: ``(d_params, d_h0, d_xs)``.
+
+    With ``restart``, ``h_reset=None`` restarts from ``h0`` and ``d_h0`` includes every
+    restart's gradient; a state of its own is held constant (its gradient is not returned).
+    """
     deltas = backward_deltas(
         cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse, unroll=unroll,
-        restart=restart, h_reset=h_reset,
+        restart=restart, h_reset=h0 if h_reset is None else h_reset,
     )  # fmt: skip
     d_params, d_xs = cell_grads(cell, params, xs, deltas)
-    return d_params, deltas.d_h0, d_xs, deltas.d_reset
+    d_h0 = deltas.d_h0
+    if restart is not None and h_reset is None:
+        d_h0 = jax.tree_util.tree_map(jnp.add, d_h0, deltas.d_reset)
+    return d_params, d_h0, d_xs

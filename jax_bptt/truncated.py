@@ -234,6 +234,8 @@ def window_grads(
     )  # fmt: skip
     if run.batch.resets is not None:  # the restart state: validated like h0, zeros by default
         h_reset = check_state(h_reset, run.cell, run.shape, run.batch.xs.shape[1], True)
+    elif h_reset is not None:
+        raise ValueError("h_reset is the state a reset restarts from: it needs resets")
     if hasattr(targets, "ndim"):  # per-step targets (B, T, ...) -> (T, B, ...)
         targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
     if not run.batch.batched:
