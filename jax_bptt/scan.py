@@ -120,17 +120,16 @@ def masked_hidden(cell: Cell, states, mask) -> jax.Array:
 def previous_states(h0, states, *, reverse: bool = False, restart=None, h_reset=None):
     """``state_{t-1}`` for every step: ``h0`` followed by the stored states (scan order), and
     ``h_reset`` where ``restart (t b)`` is set: the state each step started from."""
-    if reverse:
-        prev = jax.tree_util.tree_map(lambda s0, s: jnp.concatenate([s, s0[None]])[1:], h0, states)
-    else:
-        num_steps = jax.tree_util.tree_leaves(states)[0].shape[0]
-        prev = jax.tree_util.tree_map(
-            lambda s0, s: jnp.concatenate([s0[None], s])[:num_steps], h0, states
+    if restart is not None:
+        prev = previous_states(h0, states, reverse=reverse)
+        return jax.tree_util.tree_map(
+            lambda r, p: jnp.where(restart[..., None], r[None], p), h_reset, prev
         )
-    if restart is None:
-        return prev
+    if reverse:
+        return jax.tree_util.tree_map(lambda s0, s: jnp.concatenate([s, s0[None]])[1:], h0, states)
+    num_steps = jax.tree_util.tree_leaves(states)[0].shape[0]
     return jax.tree_util.tree_map(
-        lambda r, p: jnp.where(restart[..., None], r[None], p), h_reset, prev
+        lambda s0, s: jnp.concatenate([s0[None], s])[:num_steps], h0, states
     )
 
 

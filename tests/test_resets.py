@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jax_bptt as jb
+from jax_bptt import parallel
 from jax_bptt.cells import get_cell, step
 from jax_bptt.check import relative_error
 from jax_bptt.model import dropout_masks
@@ -318,6 +319,8 @@ def test_train_step_takes_resets():
     assert_trees_close(new, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads.params))
     plain = jb.bptt(params, xs, targets, cell="gru", mode="auto")
     assert abs(float(plain.loss - grads.loss)) > 1e-6  # the resets changed something
+    sharded = parallel.data_parallel_step(train_step, parallel.make_mesh())
+    assert_trees_close(sharded(params, opt.init(params), xs, targets, resets=resets)[0], new)
 
 
 # --------------------------------------------------------------------------------------------
