@@ -236,8 +236,8 @@ def shard_batch(
     placement: str = "per_step",
     axis_name: str | None = None,
 ) -> dict:
-    """Split a dict of train-step arguments (``xs``, ``targets``, ``h0``, ``lengths``, ``resets``;
-    None values pass through) along their batch axes over the mesh (see ``batch_dims``).
+    """Split a dict of train-step arguments (``xs``, ``targets``, ``h0``, ``lengths``; None values
+    pass through) along their batch axes over the mesh (see ``batch_dims``).
 
     Raises:
       ValueError: the batch size is not a multiple of the mesh axis size.
