@@ -34,6 +34,9 @@ class Backend(NamedTuple):
         -> (final_state, (states, saved))``, as ``jax_bptt.scan.scan_states``.
       backward_deltas: ``(cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse,
         unroll) -> Deltas``, as ``jax_bptt.scan.backward_deltas``.
+
+    With resets inside a sequence (and only then) both are also called with the keywords
+    ``restart`` and ``h_reset``, as the ``jax_bptt.scan`` functions take them.
     """
 
     scan_states: Callable
@@ -171,9 +174,11 @@ def resolve_options(
     hidden_size: int,
     dtype,
     platform: str | None = None,
+    resets: bool = False,
 ) -> ScanOptions:
-    """Every ``None`` replaced by this platform's value for a problem ``xs (T, B, D)``; the result
-    is static (hashable ints and strings) and keys the compiled cores."""
+    """Every ``None`` replaced by this platform's value for a problem ``xs (T, B, D)`` (with
+    ``resets``: restarts inside the sequence); the result is static (hashable ints and strings)
+    and keys the compiled cores."""
     platform = jax.default_backend() if platform is None else platform
     defaults = PLATFORM_DEFAULTS.get(platform, PlatformDefaults(1, None))
     num_steps, batch_size = xs_shape[0], xs_shape[1]
@@ -182,6 +187,12 @@ def resolve_options(
         from jax_bptt import pallas_rnn
 
         backend = pallas_rnn.preferred_backend(batch_size, hidden_size, num_steps, cell, dtype)
+        backend = "xla" if resets else backend
+    if backend == "pallas" and resets:
+        raise ValueError(
+            "backend 'pallas' cannot run resets: its kernels have no restarts inside a sequence; "
+            "use backend='xla' (or 'auto')"
+        )
     if backend == "pallas" and cell.pointwise_params:
         raise ValueError(
             f"backend 'pallas' cannot run cell {cell.name!r}: its kernels take no gradients of "

@@ -19,7 +19,9 @@ The state is flattened per batch row to a vector of size S: ``h`` (S = H) for El
 
 Masks follow the package's masked scan (``jax_bptt.scan``): step t updates a row only where
 ``t < lengths[b]``; elsewhere ``A_t = I``, ``b_t = 0`` (the state is carried unchanged), so a
-frozen step is solved exactly.
+frozen step is solved exactly. A restart (``restart (t b)``, the state entering step t is
+``h_reset``) makes that step's Jacobian zero: ``A_t = 0``, ``b_t = f(h_reset, x_t)``; the adjoint
+then stops there too, and ``d h_reset`` sums the restarted steps' ``d state_{t-1}``.
 
 The backward is a ``custom_vjp``: at the solution the adjoint is the linear recurrence
 ``lambda_t = dL/ds_t + A_{t+1}^T lambda_{t+1}``, one reverse associative scan with the exact
@@ -182,6 +184,20 @@ def _previous(s0: Array, states: Array) -> Array:
     return jnp.concatenate([s0[None], states[:-1]], axis=0)
 
 
+def _entering(s0: Array, states: Array, restart, s_reset) -> Array:
+    """The state each step starts from: ``_previous``, or ``s_reset (b s)`` where it restarts."""
+    prev = _previous(s0, states)
+    return prev if restart is None else jnp.where(restart[..., None], s_reset, prev)
+
+
+def _cut(a: Array, restart, mask: Array, diag: bool) -> Array:
+    """``A_t = 0`` at a restarted step inside its length (``a`` unchanged without restarts)."""
+    if restart is None:
+        return a
+    cut = restart & mask
+    return jnp.where(cut[..., None] if diag else cut[..., None, None], 0.0, a)
+
+
 def _defect(s0, states, f_prev, mask) -> Array:
     """Relative fixed-point defect ``max |f(s_{t-1}) - s_t| / max(1, max |s_t|)``.
 
@@ -193,22 +209,23 @@ def _defect(s0, states, f_prev, mask) -> Array:
     return jnp.max(jnp.abs(target - states)) / scale
 
 
-def _sequential(cell, layout, params, xp, s0, mask) -> Array:
+def _sequential(cell, layout, params, xp, s0, mask, restart=None, s_reset=None) -> Array:
     """The reference and fallback: a plain masked ``lax.scan``, ``(t b s)`` states."""
 
     def body(s, inputs):
-        xp_t, mask_t = inputs
-        s = jnp.where(mask_t[:, None], _step_flat(cell, layout, params, s, xp_t), s)
+        xp_t, mask_t, restart_t = inputs
+        prev = s if restart_t is None else jnp.where(restart_t[:, None], s_reset, s)
+        s = jnp.where(mask_t[:, None], _step_flat(cell, layout, params, prev, xp_t), s)
         return s, s
 
-    return jax.lax.scan(body, s0, (xp, mask))[1]
+    return jax.lax.scan(body, s0, (xp, mask, restart))[1]
 
 
 # --------------------------------------------------------------------------------------------
 # The solve (forward) and its adjoint (backward)
 
 
-def _newton(cell, layout, method, params, xs, s0, mask, init, controls):
+def _newton(cell, layout, method, params, xs, s0, mask, init, controls, restart=None, s_reset=None):
     """Damped (quasi-)Newton on all steps at once, then the sequential scan if it failed.
 
     Damping: ``A_t = (1 - damping) J_t`` (or its diagonal) inside the lengths (frozen steps
@@ -237,20 +254,21 @@ def _newton(cell, layout, method, params, xs, s0, mask, init, controls):
         full: only ``f``; the dense Jacobian (S tangents) is built in the iteration that uses
         it, so a converged iterate never pays for one.
         """
-        s_prev = _previous(s0, states)
+        s_prev = _entering(s0, states, restart, s_reset)
         if diag:
             return _linearise_diag(cell, layout, params, s_prev, xp)
         return _step_flat(cell, layout, params, s_prev, xp), None
 
     def body(carry):
         iteration, states, f_prev, jac, _ = carry
-        s_prev = _previous(s0, states)
+        s_prev = _entering(s0, states, restart, s_reset)
         if diag:
             a = jnp.where(mask[..., None], (1.0 - damping) * jac, 1.0)
         else:
             _, jac = _linearise_full(cell, layout, params, s_prev, xp)
             eye = jnp.eye(jac.shape[-1], dtype=jac.dtype)
             a = jnp.where(mask[..., None, None], (1.0 - damping) * jac, eye)
+        a = _cut(a, restart, mask, diag)  # a restart's b_t is then f(s_reset, x_t) itself
         b = jnp.where(mask[..., None], f_prev - _apply(a, s_prev, diag), 0.0)
         states = _linear_recurrence(a, b, s0, diag)
         f_prev, jac = evaluate(states)
@@ -269,19 +287,23 @@ def _newton(cell, layout, method, params, xs, s0, mask, init, controls):
     states = jax.lax.cond(
         converged,
         lambda: states,
-        lambda: _sequential(cell, layout, params, xp, s0, mask),
+        lambda: _sequential(cell, layout, params, xp, s0, mask, restart, s_reset),
     )
     return states, DeerInfo(iterations, residual, converged, ~converged)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _solve(cell, layout, method, params, xs, s0, mask, init, controls):
-    return _newton(cell, layout, method, params, xs, s0, mask, init, controls)
+def _solve(cell, layout, method, params, xs, s0, mask, init, controls, restart=None, s_reset=None):
+    return _newton(cell, layout, method, params, xs, s0, mask, init, controls, restart, s_reset)
 
 
-def _solve_fwd(cell, layout, method, params, xs, s0, mask, init, controls):
-    states, info = _newton(cell, layout, method, params, xs, s0, mask, init, controls)
-    return (states, info), (params, xs, s0, mask, states, init)
+def _solve_fwd(
+    cell, layout, method, params, xs, s0, mask, init, controls, restart=None, s_reset=None
+):
+    states, info = _newton(
+        cell, layout, method, params, xs, s0, mask, init, controls, restart, s_reset
+    )
+    return (states, info), (params, xs, s0, mask, states, init, restart, s_reset)
 
 
 def _solve_bwd(cell, layout, method, residuals, cotangents):
@@ -294,12 +316,12 @@ def _solve_bwd(cell, layout, method, residuals, cotangents):
     input gradients and ``d s0 = J_0^T lambda_0``.
     """
     del method  # the adjoint does not depend on how the states were found
-    params, xs, s0, mask, states, init = residuals
+    params, xs, s0, mask, states, init, restart, s_reset = residuals
     g_states, _ = cotangents  # DeerInfo carries no gradient
-    s_prev = _previous(s0, states)
+    s_prev = _entering(s0, states, restart, s_reset)
     _, jac = _linearise_full(cell, layout, params, s_prev, project_inputs(params, xs))
     eye = jnp.eye(jac.shape[-1], dtype=jac.dtype)
-    a = jnp.where(mask[..., None, None], jac, eye)
+    a = _cut(jnp.where(mask[..., None, None], jac, eye), restart, mask, diag=False)
     # Reversed time u = T-1-t: lambda_u = A_{t+1}^T lambda_{u-1} + g_u; the u = 0 matrix
     # multiplies the zero start, so any value does.
     a_rev = jnp.concatenate([jnp.zeros_like(a[:1]), jnp.swapaxes(a[1:], -1, -2)[::-1]], axis=0)
@@ -311,10 +333,17 @@ def _solve_bwd(cell, layout, method, residuals, cotangents):
 
     _, vjp = jax.vjp(step_all, params, xs, s_prev)
     d_params, d_xs, d_prev = vjp(into_step)
-    d_s0 = jnp.where(mask[0][:, None], d_prev[0], adjoint[0])
-    # No gradient flows to the mask, the warm start (the solution does not depend on it) or
-    # the solver's controls.
-    return d_params, d_xs, d_s0, None, jnp.zeros_like(init), (None, None, None)
+    d_s_reset = None
+    if restart is None:
+        d_s0 = jnp.where(mask[0][:, None], d_prev[0], adjoint[0])
+    else:  # d_prev is zero at frozen steps (into_step is), so only restarts inside count
+        d_s0 = jnp.where(
+            mask[0][:, None], jnp.where(restart[0][:, None], 0.0, d_prev[0]), adjoint[0]
+        )
+        d_s_reset = jnp.where(restart[..., None], d_prev, 0.0).sum(0)
+    # No gradient flows to the mask, the restarts, the warm start (the solution does not depend
+    # on it) or the solver's controls.
+    return d_params, d_xs, d_s0, None, jnp.zeros_like(init), (None, None, None), None, d_s_reset
 
 
 _solve.defvjp(_solve_fwd, _solve_bwd)
@@ -433,6 +462,8 @@ def deer_unroll(
     max_iters=None,
     damping=0.0,
     init_states=None,
+    restart=None,
+    h_reset=None,
 ):
     """Run a cell over a sequence by parallel-in-time Newton (DEER / quasi-DEER).
 
@@ -460,6 +491,9 @@ def deer_unroll(
         products grow (see ``_newton``); 0 is plain (quasi-)DEER. Never changes the answer.
       init_states: warm start, a state pytree with leaves ``(T, B, H)`` in the caller's time
         order (e.g. the previous training step's states); default ``h0`` at every step.
+      restart: ``(T, B)`` bool or None: where set, the state entering step t (in the scan's
+        order; with ``reverse`` the one after step t + 1) is ``h_reset`` (default ``h0``), and no
+        gradient crosses (``jax_bptt.scan.restart_mask`` turns segment starts into this).
 
     Returns:
       ``(hs, final_state, info)``: ``hs (T, B, H)`` the hidden part of each step's state, zero
@@ -477,6 +511,13 @@ def deer_unroll(
     _check_options(method, tol, max_iters, damping, reverse)
     layout, steps, batch = _check_arrays(cell, params, xs, h0, lengths)
     dtype = params["W_hh"].dtype
+    if restart is not None and (
+        getattr(restart, "shape", None) != (steps, batch) or restart.dtype != jnp.bool_
+    ):
+        raise ValueError(
+            f"restart must be bool of shape (T={steps}, B={batch}), got {_shape_of(restart)} "
+            f"{getattr(restart, 'dtype', '')}"
+        )
     if init_states is not None:
         want = jax.tree_util.tree_map(lambda a: (steps, *a.shape), h0)
         got = jax.tree_util.tree_map(_shape_of, init_states)
@@ -501,10 +542,14 @@ def deer_unroll(
     init = (
         jnp.broadcast_to(s0, (steps, *s0.shape)) if init_states is None else _flatten(init_states)
     )
+    s_reset = None if restart is None else _flatten(h0 if h_reset is None else h_reset)
     if reverse:  # solve in scan order; the flips are linear and differentiate for free
         xs, mask, init = xs[::-1], mask[::-1], init[::-1]
+        restart = None if restart is None else restart[::-1]
     controls = (jnp.asarray(tol, dtype), jnp.int32(max_iters), jnp.asarray(damping, dtype))
-    states, info = _solve_jit(cell, layout, method, params, xs, s0, mask, init, controls)
+    states, info = _solve_jit(
+        cell, layout, method, params, xs, s0, mask, init, controls, restart, s_reset
+    )
     hs = jnp.where(mask[..., None], cell.hidden(_unflatten(states, layout)), 0.0)
     final = _unflatten(states[-1], layout)
     return (hs[::-1] if reverse else hs), final, info

@@ -16,6 +16,10 @@ segments that recomputes one segment's forward from its boundary state and runs 
 backward on it. ``T`` not divisible by ``K`` is padded with masked steps, which freeze the state
 and pass ``d state`` through, so the result is exact. Its outputs ``hs`` are still ``(T, B, H)``.
 
+Both take an optional ``restart (t b)`` and the state ``h_reset`` it restarts from
+(``jax_bptt.scan``); ``h_reset`` gets its own gradient (the sum over restarts), also when a chunk
+or segment starts from another state.
+
 Both take validated, batched inputs and resolved ``ScanOptions`` (``jax_bptt.backends``); the
 model (``jax_bptt.model``) calls them once per layer and direction.
 """
@@ -35,48 +39,57 @@ from jax_bptt.scan import cell_grads, length_mask, masked_hidden
 # fast_scan: custom_vjp whose backward is the hand-written reverse scan
 
 
+def restart_kwargs(restart, h_reset) -> dict:
+    """A backend's restart keywords: none at all without restarts (so a backend of your own that
+    takes no restarts runs as before)."""
+    return {} if restart is None else {"restart": restart, "h_reset": h_reset}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fast_scan(cell, options, reverse, params, xs, h0, lengths):
+def fast_scan(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
     """``(hs (t b h), final_state)`` of one recurrence on validated, batched inputs ``xs (t b d)``,
-    ``lengths (b,)`` or None; ``options`` resolved (``chunk_length`` only schedules the
-    backward). Its VJP is the hand-written reverse scan."""
-    return _fast_fwd(cell, options, reverse, params, xs, h0, lengths)[0]
+    ``lengths (b,)`` or None, ``restart (t b)`` or None; ``options`` resolved (``chunk_length``
+    only schedules the backward). Its VJP is the hand-written reverse scan."""
+    return _fast_fwd(cell, options, reverse, params, xs, h0, lengths, restart, h_reset)[0]
 
 
-def _fast_fwd(cell, options, reverse, params, xs, h0, lengths):
+def _fast_fwd(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
     mask = length_mask(lengths, xs.shape[0])
     xp = project_inputs(params, xs)  # (t b g): one GEMM for every step
     final, (states, saved) = get_backend(options.backend).scan_states(
-        cell, params, xp, h0, mask, reverse, options.unroll
+        cell, params, xp, h0, mask, reverse, options.unroll, **restart_kwargs(restart, h_reset)
     )
-    return (masked_hidden(cell, states, mask), final), (params, xs, h0, lengths, states, saved)
+    residuals = (params, xs, h0, lengths, states, saved, restart, h_reset)
+    return (masked_hidden(cell, states, mask), final), residuals
 
 
 def _fast_bwd(cell, options, reverse, residuals, cotangents):
-    params, xs, h0, lengths, states, saved = residuals
+    params, xs, h0, lengths, states, saved, restart, h_reset = residuals
     d_hs, d_final = cotangents
     mask = length_mask(lengths, xs.shape[0])
     impl = get_backend(options.backend)
 
-    def backward(d_state, before, xs_k, mask_k, states_k, saved_k, d_hs_k):
+    def backward(d_state, before, xs_k, mask_k, states_k, saved_k, d_hs_k, restart_k):
         """One chunk: the reverse scan from ``d_state``, then its weight-gradient GEMMs."""
         deltas = impl.backward_deltas(
             cell, params, before, mask_k, states_k, saved_k, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll,
+            reverse=reverse, unroll=options.unroll, **restart_kwargs(restart_k, h_reset),
         )  # fmt: skip
         d_params, d_xs_k = cell_grads(cell, params, xs_k, deltas)
-        return deltas.d_h0, d_params, d_xs_k
+        return deltas.d_h0, (d_params, deltas.d_reset), d_xs_k
 
     chunk_length = options.chunk_length
-    per_step = (xs, mask, states, saved, d_hs)
+    per_step = (xs, mask, states, saved, d_hs, restart)
     if chunk_length >= xs.shape[0]:
-        d_h0, d_params, d_xs = backward(d_final, h0, *per_step)
+        d_h0, (d_params, d_reset), d_xs = backward(d_final, h0, *per_step)
     else:
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        d_h0, d_params, d_xs = _in_chunks(
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like, (params, None if restart is None else h_reset)
+        )
+        d_h0, (d_params, d_reset), d_xs = _in_chunks(
             backward, chunk_length, reverse, h0, (d_final, zeros), per_step
         )
-    return d_params, d_xs, d_h0, None  # lengths are integers: no cotangent
+    return d_params, d_xs, d_h0, None, None, d_reset  # lengths, restarts: integers, booleans
 
 
 def _in_chunks(backward, chunk_length: int, reverse: bool, h0, carry, per_step):
@@ -142,7 +155,8 @@ def merge_segments(a, num_steps: int):
 
 
 def _segments(xs, lengths, segment_length: int):
-    """``xs (s k b d)`` and the mask ``(s k b)`` that also switches the padding steps off."""
+    """``xs (s k b d)`` and the mask ``(s k b)`` that also switches the padding steps off (a
+    ``restart (t b)`` is split with ``split_segments``: padding never restarts)."""
     num_steps, batch_size = xs.shape[:2]
     num_segments = -(-num_steps // segment_length)
     padded = num_segments * segment_length
@@ -155,57 +169,70 @@ def _segments(xs, lengths, segment_length: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def checkpointed_scan(cell, options, reverse, params, xs, h0, lengths):
+def checkpointed_scan(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
     """``fast_scan`` that saves only the states at boundaries of ``options.segment_length``-step
     segments and recomputes each segment's forward in the backward."""
-    return _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths)[0]
+    return _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths, restart, h_reset)[0]
 
 
-def _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths):
-    xs_seg, mask_seg, _ = _segments(xs, lengths, options.segment_length)
+def _split_restart(restart, num_segments: int, segment_length: int):
+    return None if restart is None else split_segments(restart, num_segments, segment_length)
+
+
+def _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
+    xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
+    restart_seg = _split_restart(restart, num_segments, options.segment_length)
     run_states = get_backend(options.backend).scan_states
 
     def forward_segment(state, inputs):
-        xs_k, mask_k = inputs
+        xs_k, mask_k, restart_k = inputs
         xp = project_inputs(params, xs_k)  # per segment, so no (t b g) buffer is ever live
-        final, (states, _) = run_states(cell, params, xp, state, mask_k, reverse, options.unroll)
+        final, (states, _) = run_states(
+            cell, params, xp, state, mask_k, reverse, options.unroll,
+            **restart_kwargs(restart_k, h_reset),
+        )  # fmt: skip
         return final, (state, masked_hidden(cell, states, mask_k))
 
-    final, (boundaries, hs) = jax.lax.scan(forward_segment, h0, (xs_seg, mask_seg), reverse=reverse)
-    return (merge_segments(hs, xs.shape[0]), final), (params, xs, lengths, boundaries)
+    final, (boundaries, hs) = jax.lax.scan(
+        forward_segment, h0, (xs_seg, mask_seg, restart_seg), reverse=reverse
+    )
+    residuals = (params, xs, lengths, boundaries, restart, h_reset)
+    return (merge_segments(hs, xs.shape[0]), final), residuals
 
 
 def _checkpointed_bwd(cell, options, reverse, residuals, cotangents):
-    params, xs, lengths, boundaries = residuals
+    params, xs, lengths, boundaries, restart, h_reset = residuals
     d_hs, d_final = cotangents
     xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
+    restart_seg = _split_restart(restart, num_segments, options.segment_length)
     d_hs_seg = split_segments(d_hs, num_segments, options.segment_length)
     impl = get_backend(options.backend)
 
     def backward_segment(carry, inputs):
         d_state, d_params = carry
-        xs_k, mask_k, state0, d_hs_k = inputs
+        xs_k, mask_k, state0, d_hs_k, restart_k = inputs
+        restarts = restart_kwargs(restart_k, h_reset)
         xp = project_inputs(params, xs_k)
         _, (states, saved) = impl.scan_states(
-            cell, params, xp, state0, mask_k, reverse, options.unroll
+            cell, params, xp, state0, mask_k, reverse, options.unroll, **restarts
         )
         deltas = impl.backward_deltas(
             cell, params, state0, mask_k, states, saved, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll,
+            reverse=reverse, unroll=options.unroll, **restarts,
         )  # fmt: skip
         d_params_k, d_xs_k = cell_grads(cell, params, xs_k, deltas)
-        d_params = jax.tree_util.tree_map(jnp.add, d_params, d_params_k)
+        d_params = jax.tree_util.tree_map(jnp.add, d_params, (d_params_k, deltas.d_reset))
         return (deltas.d_h0, d_params), d_xs_k
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (d_h0, d_params), d_xs = jax.lax.scan(
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, None if restart is None else h_reset))
+    (d_h0, (d_params, d_reset)), d_xs = jax.lax.scan(
         backward_segment,
         (d_final, zeros),
-        (xs_seg, mask_seg, boundaries, d_hs_seg),
+        (xs_seg, mask_seg, boundaries, d_hs_seg, restart_seg),
         reverse=not reverse,
     )
     d_xs = jax.tree_util.tree_map(lambda a: merge_segments(a, xs.shape[0]), d_xs)  # None: ids
-    return d_params, d_xs, d_h0, None
+    return d_params, d_xs, d_h0, None, None, d_reset
 
 
 checkpointed_scan.defvjp(_checkpointed_fwd, _checkpointed_bwd)

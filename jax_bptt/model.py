@@ -20,6 +20,11 @@ States (``h0`` and the final states) are lists with one ``{"fwd": state, "bwd": 
 layer, each state as in ``jax_bptt.cells`` (leaves ``(b h)``). A backward direction's final state
 is its state after step 0.
 
+``resets (t b)`` bool marks segment starts: before such a step every layer's forward direction
+restarts from ``h0``, and a backward direction restarts where the *next* step starts a segment
+(``scan.restart_mask``), so a row packed with several sequences runs each on its own, in both
+directions. No gradient crosses a restart; ``d h0`` sums the restarts' gradients.
+
 ``placement="last_step"`` (many-to-one) reads the readout off a summary of the top layer's output:
 its forward half at ``t = length - 1`` and, when bidirectional, its backward half at ``t = 0``
 (where the backward pass ends). Without residual connections that is PyTorch's
@@ -58,6 +63,7 @@ from jax_bptt.scan import (
     length_mask,
     masked,
     masked_hidden,
+    restart_mask,
     scan_hidden,
     scan_states,
 )
@@ -165,39 +171,58 @@ def readout(params: dict, features: jax.Array) -> jax.Array:
 # One direction of one layer, three ways to differentiate it
 
 
-def run_auto(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+def run_auto(
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
+    h_reset=None,
+):  # fmt: skip
     """``(hs (t b h), final, None)`` by ``scan_hidden``, for ``jax.grad`` to differentiate."""
     mask = length_mask(lengths, inputs.shape[0])
     xp = project_inputs(params, inputs)  # (t b g): one GEMM (or row gather) for every step
-    final, hs = scan_hidden(cell, params, xp, h0, mask, reverse, options.unroll)
+    final, hs = scan_hidden(cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset)
     return hs, final, None
 
 
-def run_scan(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+def run_scan(
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
+    h_reset=None,
+):  # fmt: skip
     """``(hs (t b h), final, tape)`` by ``scan_states``: the tape ``(states, saved)`` is what
     ``backward_scan`` needs (the hand-written backward's forward)."""
     mask = length_mask(lengths, inputs.shape[0])
     xp = project_inputs(params, inputs)  # (t b g): one GEMM for every step
-    final, tape = scan_states(cell, params, xp, h0, mask, reverse, options.unroll)
+    final, tape = scan_states(cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset)
     return masked_hidden(cell, tape[0], mask), final, tape
 
 
-def run_fast(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+def run_fast(
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
+    h_reset=None,
+):  # fmt: skip
     """``fast_scan``: its VJP is the hand-written reverse scan (no tape outside it)."""
-    hs, final = fast_scan(cell, options, reverse, params, inputs, h0, lengths)
+    hs, final = fast_scan(cell, options, reverse, params, inputs, h0, lengths, restart, h_reset)
     return hs, final, None
 
 
-def run_checkpointed(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+def run_checkpointed(
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
+    h_reset=None,
+):  # fmt: skip
     """``checkpointed_scan``: boundary states only; segments recomputed in the backward."""
-    hs, final = checkpointed_scan(cell, options, reverse, params, inputs, h0, lengths)
+    hs, final = checkpointed_scan(
+        cell, options, reverse, params, inputs, h0, lengths, restart, h_reset
+    )
     return hs, final, None
 
 
-def run_parallel(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
+def run_parallel(
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
+    h_reset=None,
+):  # fmt: skip
     """``deer_unroll``: all steps at once by Newton over associative scans (falling back to the
     sequential scan when it does not converge), with an exact adjoint (``jax_bptt.deer``)."""
-    hs, final, _ = deer_unroll(cell, params, inputs, h0, lengths, reverse=reverse)
+    hs, final, _ = deer_unroll(
+        cell, params, inputs, h0, lengths, reverse=reverse, restart=restart, h_reset=h_reset
+    )
     return hs, final, None
 
 
@@ -249,9 +274,20 @@ class LayerTape(NamedTuple):
     runs: dict  # direction -> run_scan's tape (None for the fast and checkpointed runs)
 
 
-def stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run=run_scan):
+def _restarts(resets, reverse: bool, h_reset, layer: int, name: str) -> tuple:
+    """``(restart, h_reset)`` for one layer and direction, ``(None, None)`` without resets."""
+    if resets is None:
+        return None, None
+    return restart_mask(resets, reverse), h_reset[layer][name]
+
+
+def stack_forward(
+    cell, options, layers, h0, xs, lengths, drops, residual, run=run_scan, resets=None,
+    h_reset=None,
+):  # fmt: skip
     """``(outputs (t b f), final states, tapes)`` of the whole stack; ``run`` (one of ``RUNS``) is
-    called once per layer and direction."""
+    called once per layer and direction. ``resets (t b)``: segment starts, where every layer
+    restarts from ``h_reset`` (states like ``h0``; None: ``h0`` itself)."""
     mask = length_mask(lengths, xs.shape[0])
     # Inputs past a length must not reach anything: a NaN there would make 0 * NaN in the weight
     # gradients (PyTorch's packed sequences never read padding either).
@@ -259,8 +295,9 @@ def stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run=r
     for i, layer in enumerate(layers):
         outs, runs, final = [], {}, {}
         for name, reverse in _directions(layer):
+            restarts = _restarts(resets, reverse, h0 if h_reset is None else h_reset, i, name)
             hs, final[name], runs[name] = run(
-                cell, options, layer[name], inputs, h0[i][name], lengths, reverse
+                cell, options, layer[name], inputs, h0[i][name], lengths, reverse, *restarts
             )
             outs.append(hs)
         out = jnp.concatenate(outs, axis=-1)
@@ -274,9 +311,14 @@ def stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run=r
     return inputs, finals, tapes
 
 
-def stack_backward(cell, options, layers, h0, tapes, lengths, drops, residual, d_outputs, d_finals):
+def stack_backward(
+    cell, options, layers, h0, tapes, lengths, drops, residual, d_outputs, d_finals, resets=None,
+    h_reset=None,
+):  # fmt: skip
     """Hand-written BPTT through the stack from ``dL/d outputs (t b f)`` and ``dL/d final states``
-    (None: zeros): ``(d_layers, d_h0, d_xs)``, layer by layer from the top."""
+    (None: zeros): ``(d_layers, d_h0, d_xs)``, layer by layer from the top. With ``resets``,
+    ``d_h0`` includes the gradient of every restart when ``h_reset`` is None (restarts from
+    ``h0``), and excludes it when ``h_reset`` is a state of its own."""
     mask = length_mask(lengths, d_outputs.shape[0])
     d_layers, d_h0 = [None] * len(layers), [None] * len(layers)
     d_out = d_outputs
@@ -295,8 +337,9 @@ def stack_backward(cell, options, layers, h0, tapes, lengths, drops, residual, d
             )
             d_layers[i][name], d_h0[i][name], d_x = backward_scan(
                 cell, p, tape.inputs, h0[i][name], mask, states, saved,
-                d_out[..., offset : offset + size], d_final,
-                reverse=reverse, unroll=options.unroll,
+                d_out[..., offset : offset + size], d_final, reverse=reverse,
+                unroll=options.unroll, restart=restart_mask(resets, reverse),
+                h_reset=None if h_reset is None else h_reset[i][name],
             )  # fmt: skip
             d_inputs = None if d_x is None else d_inputs + d_x  # token ids have no gradient
             offset += size
@@ -340,20 +383,23 @@ def loss_features(outputs, lengths, placement: str, forward_size: int):
 
 
 def stack_loss_and_finals(
-    params, h0, xs, targets, lengths, drops, *, cell, loss: Loss, residual, options, run=run_auto
-):
+    params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, *, cell, loss: Loss,
+    residual, options, run=run_auto,
+):  # fmt: skip
     """``(scalar loss, final states)`` on batched, validated inputs (what ``jax.grad`` sees)."""
     layers = params["layers"]
-    outputs, finals, _ = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual, run)
+    outputs, finals, _ = stack_forward(
+        cell, options, layers, h0, xs, lengths, drops, residual, run, resets, h_reset
+    )
     forward_size = layers[-1]["fwd"]["W_hh"].shape[0]
     features, loss_lengths = loss_features(outputs, lengths, loss.placement, forward_size)
     value = sequence_loss(readout(params["readout"], features), targets, loss, loss_lengths)
     return value, finals
 
 
-def stack_loss(params, h0, xs, targets, lengths, drops, **static) -> jax.Array:
+def stack_loss(params, h0, xs, targets, lengths, drops, resets=None, **static) -> jax.Array:
     """The scalar loss of ``stack_loss_and_finals``."""
-    return stack_loss_and_finals(params, h0, xs, targets, lengths, drops, **static)[0]
+    return stack_loss_and_finals(params, h0, xs, targets, lengths, drops, resets, **static)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,18 +427,21 @@ def to_time_major(values, time_major: bool, batched_ndim: int):
 
 
 def prepare(
-    params, xs, *, cell, lengths, h0, dropout, key, residual, options, time_major=True
-) -> Prepared:
+    params, xs, *, cell, lengths, h0, dropout, key, residual, options, time_major=True,
+    resets=None,
+) -> Prepared:  # fmt: skip
     """Validate a model call once and resolve its options (outside any jit); batch-major ``xs``
-    (``time_major=False``) is brought to the time-major layout here."""
+    and ``resets`` (``time_major=False``) are brought to the time-major layout here."""
     cell = get_cell(cell)
     if hasattr(xs, "dtype"):
         xs = to_time_major(xs, time_major, 2 if is_token_ids(xs) else 3)
-    shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0)
+        resets = to_time_major(resets, time_major, 2)
+    shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0, resets=resets)
     check_stack_options(shape, dropout, key, residual, token_ids=is_token_ids(batch.xs))
     options = resolve_options(
-        check_options(options), cell, batch.xs.shape, shape.hidden_size, shape.dtype
-    )
+        check_options(options), cell, batch.xs.shape, shape.hidden_size, shape.dtype,
+        resets=batch.resets is not None,
+    )  # fmt: skip
     drops = dropout_masks(key, dropout, params["layers"], batch.xs)
     return Prepared(cell, shape, batch, drops, options)
 
@@ -403,9 +452,9 @@ def unbatch(tree, batched: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("cell", "residual", "options", "mode"))
-def _unroll_core(layers, h0, xs, lengths, drops, *, cell, residual, options, mode):
+def _unroll_core(layers, h0, xs, lengths, drops, resets, *, cell, residual, options, mode):
     outputs, finals, _ = stack_forward(
-        cell, options, layers, h0, xs, lengths, drops, residual, RUNS[mode]
+        cell, options, layers, h0, xs, lengths, drops, residual, RUNS[mode], resets
     )
     return outputs, finals
 
@@ -426,6 +475,7 @@ def unroll(
     mode: str = "auto",
     options: ScanOptions | None = None,
     time_major: bool = True,
+    resets=None,
 ):
     """Run the model's layers over a sequence.
 
@@ -444,6 +494,9 @@ def unroll(
         ``"parallel"`` (parallel in time, ``jax_bptt.deer``; float inputs).
       options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
       time_major: False for batch-major ``xs (B, T, D)`` and outputs ``(B, T, dirs*H)``.
+      resets: bool ``(T, B)`` (``(B, T)`` batch-major, ``(T,)`` unbatched): where set, every
+        layer restarts from ``h0`` before that step, and no gradient crosses the boundary (a
+        backward direction restarts at the end of each segment). Default: no restarts.
 
     Returns:
       ``(outputs, final_states)``: ``outputs (T, B, dirs*H)`` of the top layer (zero past each
@@ -458,11 +511,11 @@ def unroll(
     check_choice("mode", mode, UNROLL_MODES)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options, time_major=time_major,
+        residual=residual, options=options, time_major=time_major, resets=resets,
     )  # fmt: skip
     outputs, finals = _unroll_core(
         params["layers"], run.batch.h0, run.batch.xs, run.batch.lengths, run.drops,
-        cell=run.cell, residual=residual, options=run.options, mode=mode,
+        run.batch.resets, cell=run.cell, residual=residual, options=run.options, mode=mode,
     )  # fmt: skip
     if run.batch.batched:
         return to_time_major(outputs, time_major, 3), finals
@@ -470,12 +523,14 @@ def unroll(
 
 
 def predict(
-    params, xs, *, cell, h0=None, lengths=None, residual=False, options=None, time_major=True
-):
+    params, xs, *, cell, h0=None, lengths=None, residual=False, options=None, time_major=True,
+    resets=None,
+):  # fmt: skip
     """The readout at every step, ``(T, B, O)`` (``(T, O)`` unbatched, ``(B, T, O)`` batch-major):
-    logits for cross-entropy, predictions for mse. No dropout (evaluation)."""
+    logits for cross-entropy, predictions for mse. No dropout (evaluation). ``resets`` as for
+    ``unroll``."""
     outputs, _ = unroll(
         params, xs, cell=cell, h0=h0, lengths=lengths, residual=residual, options=options,
-        time_major=time_major,
+        time_major=time_major, resets=resets,
     )  # fmt: skip
     return readout(params["readout"], outputs)

@@ -15,6 +15,9 @@
   unidirectional stack the whole model (every layer, readout and loss) runs segment by segment
   under ``jax.checkpoint``; a bidirectional layer recomputes its segments per direction.
 
+Every mode takes ``resets`` (segment starts, ``jax_bptt.model``): the hand-written backward stops
+at a restart and adds its gradient to ``d h0``; DEER zeroes that step's Jacobian.
+
 All return ``Gradients(loss, params, h0, xs)``: the gradient pytree of the model params plus the
 gradients with respect to the initial states and the inputs (what truncated BPTT needs). Each
 validates its inputs once and then runs one ``jax.jit``-compiled core; they also work inside a
@@ -65,34 +68,42 @@ _STATIC = ("cell", "loss", "residual", "options")
 
 
 # Each core returns ``(Gradients, final states)``: the final states cost nothing extra, and
-# truncated BPTT carries them into the next window.
+# truncated BPTT carries them into the next window. ``resets (t b)`` are segment starts, where
+# every layer restarts from ``h_reset`` (None: from ``h0``, whose gradient then includes every
+# restart's; truncated BPTT restarts from the stream's initial state instead of the carry).
 
 
-def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops):
+def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset):
     """``loss_fn -> (loss, finals)`` differentiated: ``(Gradients, finals)``."""
     argnums = (0, 1) if is_token_ids(xs) else (0, 1, 2)  # token ids have no gradient
     (value, finals), (d_params, d_h0, *d_xs) = jax.value_and_grad(
         loss_fn, argnums=argnums, has_aux=True
-    )(params, h0, xs, targets, lengths, drops)
+    )(params, h0, xs, targets, lengths, drops, resets, h_reset)
     return Gradients(value, d_params, d_h0, d_xs[0] if d_xs else None), finals
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _auto_core(params, h0, xs, targets, lengths, drops, **static):
+def _auto_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
     loss_fn = functools.partial(stack_loss_and_finals, run=run_auto, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
+    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _fast_core(params, h0, xs, targets, lengths, drops, **static):
+def _fast_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
     loss_fn = functools.partial(stack_loss_and_finals, run=run_fast, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
+    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _manual_core(params, h0, xs, targets, lengths, drops, *, cell, loss, residual, options):
+def _manual_core(
+    params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, *, cell, loss, residual,
+    options,
+):  # fmt: skip
     layers, ro = params["layers"], params["readout"]
-    outputs, finals, tapes = stack_forward(cell, options, layers, h0, xs, lengths, drops, residual)
+    restarts = dict(resets=resets, h_reset=h_reset)
+    outputs, finals, tapes = stack_forward(
+        cell, options, layers, h0, xs, lengths, drops, residual, **restarts
+    )
 
     # Readout and loss: dL/dy by hand, then one GEMM each for the readout weights and dL/d features.
     forward_size = layers[-1]["fwd"]["W_hh"].shape[0]
@@ -114,12 +125,15 @@ def _manual_core(params, h0, xs, targets, lengths, drops, *, cell, loss, residua
         d_out = d_out.at[0, :, forward_size:].add(d_summary[:, forward_size:])
 
     d_layers, d_h0, d_xs = stack_backward(
-        cell, options, layers, h0, tapes, lengths, drops, residual, d_out, None
+        cell, options, layers, h0, tapes, lengths, drops, residual, d_out, None, **restarts
     )
     return Gradients(value, {"layers": d_layers, "readout": d_readout}, d_h0, d_xs), finals
 
 
-def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, residual, options):
+def _segmented_loss(
+    params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, *, cell, loss, residual,
+    options,
+):  # fmt: skip
     """``stack_loss_and_finals`` of a unidirectional stack, formed segment by segment under
     ``jax.checkpoint``.
 
@@ -129,7 +143,8 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
     running ``fast_scan``'s hand-written backward per layer. Each segment's loss is the ``"sum"``
     reduction over its own steps (lengths made local: ``length - start``, which ``length_mask``
     and ``term_weights`` read correctly also when negative or beyond the segment); ``"mean"`` then
-    divides by the number of counted terms, as ``jax_bptt.losses`` defines it.
+    divides by the number of counted terms, as ``jax_bptt.losses`` defines it. Restarts inside a
+    segment return to ``h_reset`` (``h0`` when None), not to the segment's boundary state.
     """
     num_steps, batch_size = xs.shape[:2]
     segment_length = options.segment_length
@@ -147,17 +162,20 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
         split(targets) if per_step else None,
         None if drops is None else [split(d) for d in drops],
         jnp.arange(num_segments) * segment_length,
+        None if resets is None else split(resets),
     )
+    h_reset = h0 if h_reset is None else h_reset
     one_chunk = options._replace(chunk_length=segment_length)  # the segment is short already
     sum_loss = loss._replace(reduction="sum")
 
     @jax.checkpoint
     def segment(states, inputs):
-        xs_k, targets_k, drops_k, start = inputs
+        xs_k, targets_k, drops_k, start, resets_k = inputs
         local = None if lengths is None else lengths - start
         outputs, finals, _ = stack_forward(
-            cell, one_chunk, params["layers"], states, xs_k, local, drops_k, residual, run_fast
-        )
+            cell, one_chunk, params["layers"], states, xs_k, local, drops_k, residual, run_fast,
+            resets_k, h_reset,
+        )  # fmt: skip
         ys = readout(params["readout"], outputs)
         return finals, sequence_loss(ys, targets_k if per_step else targets, sum_loss, local)
 
@@ -170,18 +188,20 @@ def _segmented_loss(params, h0, xs, targets, lengths, drops, *, cell, loss, resi
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _checkpointed_core(params, h0, xs, targets, lengths, drops, **static):
+def _checkpointed_core(
+    params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static
+):
     if "bwd" in params["layers"][0]:  # a backward direction needs the whole future: per layer
         loss_fn = functools.partial(stack_loss_and_finals, run=run_checkpointed, **static)
     else:
         loss_fn = functools.partial(_segmented_loss, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
+    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _parallel_core(params, h0, xs, targets, lengths, drops, **static):
+def _parallel_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
     loss_fn = functools.partial(stack_loss_and_finals, run=run_parallel, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops)
+    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
 
 CORES = {
@@ -211,6 +231,7 @@ def bptt(
     residual=False,
     options=None,
     time_major: bool = True,
+    resets=None,
 ) -> Gradients:
     """Loss and gradients of the model by BPTT.
 
@@ -229,6 +250,8 @@ def bptt(
       options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
       time_major: False for batch-major ``xs (B, T, D)`` and per-step targets ``(B, T, ...)``
         (the returned ``xs`` gradient is batch-major too).
+      resets: bool ``(T, B)`` segment starts, as for ``jax_bptt.unroll``; the ``h0`` gradient
+        then sums every restart's.
 
     Returns:
       ``Gradients(loss, params, h0, xs)``.
@@ -245,7 +268,7 @@ def bptt(
     loss = check_loss(loss)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options, time_major=time_major,
+        residual=residual, options=options, time_major=time_major, resets=resets,
     )  # fmt: skip
     targets = _time_major_targets(targets, loss, time_major)
     num_steps, batch_size = run.batch.xs.shape[:2]
@@ -255,7 +278,7 @@ def bptt(
     )  # fmt: skip
     grads, _ = CORES[mode](
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.drops,
-        cell=run.cell, loss=loss, residual=residual, options=run.options,
+        run.batch.resets, cell=run.cell, loss=loss, residual=residual, options=run.options,
     )  # fmt: skip
     if run.batch.batched:
         return grads._replace(xs=to_time_major(grads.xs, time_major, 2))
@@ -273,60 +296,64 @@ def _time_major_targets(targets, loss: Loss, time_major: bool):
 
 def bptt_auto(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None, time_major=True,
+    residual=False, options=None, time_major=True, resets=None,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="auto")``: ``jax.value_and_grad`` through the scans (the reference)."""
     return bptt(
         params, xs, targets, cell=cell, mode="auto", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
+        resets=resets,
     )  # fmt: skip
 
 
 def bptt_manual(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None, time_major=True,
+    residual=False, options=None, time_major=True, resets=None,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="manual")``: hand-written BPTT, layer by layer from the top."""
     return bptt(
         params, xs, targets, cell=cell, mode="manual", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
+        resets=resets,
     )  # fmt: skip
 
 
 def bptt_fast(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None, time_major=True,
+    residual=False, options=None, time_major=True, resets=None,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="fast")``: ``jax.grad`` whose recurrences run the hand-written reverse
     scan (``fast_scan``); ``options`` picks the unroll, backend and backward chunk length."""
     return bptt(
         params, xs, targets, cell=cell, mode="fast", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
+        resets=resets,
     )  # fmt: skip
 
 
 def bptt_checkpointed(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
-    residual=False, options=None, time_major=True,
+    residual=False, options=None, time_major=True, resets=None,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="checkpointed")``: memory ``O(sqrt T)`` for one extra forward; the
     segment length is ``options.segment_length`` (default ``ceil(sqrt(T))``)."""
     return bptt(
         params, xs, targets, cell=cell, mode="checkpointed", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
+        resets=resets,
     )  # fmt: skip
 
 
 def model_loss(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, residual=False, options=None,
-    time_major=True,
+    time_major=True, resets=None,
 ) -> jax.Array:  # fmt: skip
     """The scalar loss of the model without gradients (evaluation: no dropout); arguments as for
     ``bptt``."""
     loss = check_loss(loss)
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=0.0, key=None,
-        residual=residual, options=options, time_major=time_major,
+        residual=residual, options=options, time_major=time_major, resets=resets,
     )  # fmt: skip
     targets = _time_major_targets(targets, loss, time_major)
     num_steps, batch_size = run.batch.xs.shape[:2]
@@ -335,11 +362,11 @@ def model_loss(
         run.batch.lengths,
     )  # fmt: skip
     return _loss_core(
-        params, run.batch.h0, run.batch.xs, targets, run.batch.lengths,
+        params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.batch.resets,
         cell=run.cell, loss=loss, residual=residual, options=run.options,
     )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _loss_core(params, h0, xs, targets, lengths, **static):
-    return stack_loss(params, h0, xs, targets, lengths, None, **static)
+def _loss_core(params, h0, xs, targets, lengths, resets, **static):
+    return stack_loss(params, h0, xs, targets, lengths, None, resets, **static)

@@ -28,6 +28,7 @@ Layout rule (``batch_dims``): where the batch axis is, per train-step argument.
     targets   per_step (T, B) / (T, B, O)        P(None, "batch")
               last_step (B,) / (B, O)            P("batch")
     lengths   (B,)                               P("batch")
+    resets    (T, B)                             P(None, "batch")
     h0        state leaves (B, H), in the list   P("batch")
               of per-layer {"fwd", "bwd"?} dicts
     params, optimizer state                      P()  (replicated)
@@ -161,7 +162,8 @@ def batch_dims(placement: str | Loss = "per_step") -> dict[str, int]:
     if isinstance(placement, Loss):
         placement = placement.placement
     check_choice("placement", placement, PLACEMENTS)
-    return {"xs": 1, "targets": 1 if placement == "per_step" else 0, "lengths": 0, "h0": 0}
+    targets = 1 if placement == "per_step" else 0
+    return {"xs": 1, "targets": targets, "lengths": 0, "h0": 0, "resets": 1}
 
 
 def batch_sharding(mesh: Mesh, batch_dim: int, axis_name: str | None = None) -> NamedSharding:
@@ -296,7 +298,7 @@ def data_parallel_step(
     and the dropout ``key`` replicated (no copy when already placed), and the unchanged
     ``train_step`` is traced inside a ``jax.jit`` whose outputs are constrained to params and
     optimizer state replicated and ``StepInfo.carry`` (a truncated-BPTT state, one
-    ``{"fwd": state}`` per layer) batch-sharded.
+    ``{"fwd": state}`` per layer) batch-sharded. ``resets=`` (segment starts) is split like ``xs``.
 
     Example:
       >>> step = data_parallel_step(make_train_step(opt, cell="gru", loss="mse"), make_mesh())
@@ -318,8 +320,8 @@ def data_parallel_step(
             info = info._replace(carry=constrain(info.carry, state_sharding))
         return params, opt_state, info
 
-    def step(params, opt_state, xs, targets, h0=None, lengths=None, key=None):
-        batch = {"xs": xs, "targets": targets, "h0": h0, "lengths": lengths}
+    def step(params, opt_state, xs, targets, h0=None, lengths=None, key=None, resets=None):
+        batch = {"xs": xs, "targets": targets, "h0": h0, "lengths": lengths, "resets": resets}
         batch = {name: value for name, value in batch.items() if value is not None}
         batch = shard_batch(batch, mesh, placement=placement, axis_name=axis_name)
         key = None if key is None else replicate(key, mesh)

@@ -9,6 +9,12 @@ Masks: with ``lengths`` a sequence's state is frozen past its length (the mask i
 ``t < length``, so the final state is the state at its length) and its outputs there are zero.
 ``reverse=True`` scans from ``T - 1`` down to 0 with the same mask, so a padded sequence's reverse
 pass starts at its last valid step, like PyTorch's packed sequences. ``T = 0`` is allowed.
+
+Restarts: ``restart (t b)`` bool, in the scan's own order, says that the state entering step
+``t`` is ``h_reset`` instead of the state after the previous step (``restart_mask`` turns the
+model's segment starts ``resets`` into that for either direction). No gradient crosses a restart;
+``d h_reset`` sums the gradient of every restart. A frozen step (past the length) ignores its
+restart. ``restart=None`` traces exactly the code without restarts.
 """
 
 from __future__ import annotations
@@ -43,40 +49,63 @@ def masked(mask: jax.Array | None, values: jax.Array) -> jax.Array:
     return jnp.where(mask if values.ndim == mask.ndim else mask[..., None], values, 0)
 
 
+def restart_mask(resets: jax.Array | None, reverse: bool) -> jax.Array | None:
+    """Segment starts ``resets (t b)`` -> ``restart (t b)`` in the scan's order: forward, the state
+    entering step t restarts where step t starts a segment; reverse, where step t + 1 does (the
+    reverse pass restarts at the end of each segment). None stays None."""
+    if resets is None or not reverse:
+        return resets
+    return jnp.concatenate([resets[1:], jnp.zeros_like(resets[:1])])
+
+
+def restarted(restart_t: jax.Array | None, h_reset, state):
+    """The state entering a step: ``h_reset`` where ``restart_t (b,)`` is set (None: ``state``)."""
+    if restart_t is None:
+        return state
+    return select(restart_t, h_reset, state)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 
 
-def scan_states(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
-    """The recurrence on projected inputs ``xp: (t b g)``.
+def scan_states(
+    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None
+):
+    """The recurrence on projected inputs ``xp: (t b g)``; ``restart (t b)`` and ``h_reset`` as in
+    the module docstring.
 
     Returns ``(final_state, (states, saved))`` stacked over t: ``states`` are the (frozen past
     the length) states after each step, ``saved`` what ``cell.backward`` needs from each step.
     """
 
     def body(state, inputs):
-        xp_t, mask_t = inputs
-        hp_t = cell.hidden(state) @ params["W_hh"]
-        new_state, saved = cell.forward(params, xp_t, hp_t, state)
+        xp_t, mask_t, restart_t = inputs
+        prev = restarted(restart_t, h_reset, state)
+        hp_t = cell.hidden(prev) @ params["W_hh"]
+        new_state, saved = cell.forward(params, xp_t, hp_t, prev)
         new_state = select(mask_t, new_state, state)
         return new_state, (new_state, saved)
 
-    return jax.lax.scan(body, h0, (xp, mask), reverse=reverse, unroll=unroll)
+    return jax.lax.scan(body, h0, (xp, mask, restart), reverse=reverse, unroll=unroll)
 
 
-def scan_hidden(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
+def scan_hidden(
+    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None
+):
     """``scan_states`` that stacks only the hidden outputs, zero past each length: ``(final_state,
     hs (t b h))``. What ``jax.grad`` differentiates in the automatic mode: it saves what its own
     backward needs, and nothing else is written per step."""
 
     def body(state, inputs):
-        xp_t, mask_t = inputs
-        new_state, _ = cell.forward(params, xp_t, cell.hidden(state) @ params["W_hh"], state)
+        xp_t, mask_t, restart_t = inputs
+        prev = restarted(restart_t, h_reset, state)
+        new_state, _ = cell.forward(params, xp_t, cell.hidden(prev) @ params["W_hh"], prev)
         new_state = select(mask_t, new_state, state)
         h = cell.hidden(new_state)
         return new_state, h if mask_t is None else jnp.where(mask_t[:, None], h, 0)
 
-    return jax.lax.scan(body, h0, (xp, mask), reverse=reverse, unroll=unroll)
+    return jax.lax.scan(body, h0, (xp, mask, restart), reverse=reverse, unroll=unroll)
 
 
 def masked_hidden(cell: Cell, states, mask) -> jax.Array:
@@ -88,8 +117,14 @@ def masked_hidden(cell: Cell, states, mask) -> jax.Array:
 # Backward
 
 
-def previous_states(h0, states, *, reverse: bool = False):
-    """``state_{t-1}`` for every step: ``h0`` followed by the stored states (scan order)."""
+def previous_states(h0, states, *, reverse: bool = False, restart=None, h_reset=None):
+    """``state_{t-1}`` for every step: ``h0`` followed by the stored states (scan order), and
+    ``h_reset`` where ``restart (t b)`` is set: the state each step started from."""
+    if restart is not None:
+        prev = previous_states(h0, states, reverse=reverse)
+        return jax.tree_util.tree_map(
+            lambda r, p: jnp.where(restart[..., None], r[None], p), h_reset, prev
+        )
     if reverse:
         return jax.tree_util.tree_map(lambda s0, s: jnp.concatenate([s, s0[None]])[1:], h0, states)
     num_steps = jax.tree_util.tree_leaves(states)[0].shape[0]
@@ -107,6 +142,7 @@ class Deltas(NamedTuple):
     h_prev: jax.Array  # (t b h) h_{t-1} for every step
     d_states: Any = None  # state pytree, leaves (t b h): dL/d state_t arriving at each step
     d_pointwise: Any = None  # {name: summed gradient} of the cell's pointwise_params, if any
+    d_reset: Any = None  # gradient w.r.t. h_reset (summed over restarts); None without restarts
 
 
 def backward_deltas(
@@ -121,6 +157,8 @@ def backward_deltas(
     *,
     reverse: bool = False,
     unroll: int = 1,
+    restart=None,
+    h_reset=None,
 ) -> Deltas:
     """The hand-written BPTT recurrence: only ``delta`` travels through the reverse scan.
 
@@ -130,12 +168,15 @@ def backward_deltas(
       d_hs: ``(t b h)`` gradient of the loss w.r.t. the hidden outputs (``dL_t/dh_t``).
       d_final: gradient w.r.t. the final state (zeros when the loss ignores it).
       reverse: the direction the forward ran in; the backward runs the other way.
+      restart, h_reset: as for ``scan_states``; a restarted step sends its ``d state_{t-1}`` to
+        ``Deltas.d_reset`` and zero to the step before it.
     """
-    states_prev = previous_states(h0, states, reverse=reverse)
+    states_prev = previous_states(h0, states, reverse=reverse, restart=restart, h_reset=h_reset)
     d_hs = masked(mask, d_hs)  # outputs past a length are constant zeros: no gradient flows back
 
-    def backward_step(d_state, inputs):
-        d_hs_t, mask_t, state_prev, saved_t = inputs
+    def backward_step(carry, inputs):
+        d_state, d_reset = carry
+        d_hs_t, mask_t, state_prev, saved_t, restart_t = inputs
         d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
         d_step = d_state
         if cell.pointwise_params and mask_t is not None:  # frozen rows give params no gradient
@@ -147,13 +188,19 @@ def backward_deltas(
             d_prev = select(mask_t, d_prev, d_state)
             d_xp = jnp.where(mask_t[:, None], d_xp, 0)
             d_hp = d_xp if shared else jnp.where(mask_t[:, None], d_hp, 0)
-        return d_prev, (d_xp, None if shared else d_hp, d_state, d_pointwise)
+        if restart_t is not None:  # a restarted step read h_reset, not the step before it
+            hit = restart_t if mask_t is None else restart_t & mask_t
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, d_prev)
+            d_reset = jax.tree_util.tree_map(jnp.add, d_reset, select(hit, d_prev, zeros))
+            d_prev = select(hit, zeros, d_prev)
+        return (d_prev, d_reset), (d_xp, None if shared else d_hp, d_state, d_pointwise)
 
+    d_reset = None if restart is None else jax.tree_util.tree_map(jnp.zeros_like, d_final)
     # d_states is dead code for callers that don't read it: XLA drops it from the loop.
-    d_h0, (d_xp, d_hp, d_states, d_pointwise) = jax.lax.scan(
+    (d_h0, d_reset), (d_xp, d_hp, d_states, d_pointwise) = jax.lax.scan(
         backward_step,
-        d_final,
-        (d_hs, mask, states_prev, saved),
+        (d_final, d_reset),
+        (d_hs, mask, states_prev, saved, restart),
         reverse=not reverse,
         unroll=unroll,
     )
@@ -161,7 +208,7 @@ def backward_deltas(
     d_pointwise = (
         jax.tree_util.tree_map(lambda g: g.sum(0), d_pointwise[0]) if d_pointwise else None
     )
-    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states, d_pointwise)
+    return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states, d_pointwise, d_reset)
 
 
 def sum_outer(a: jax.Array, c: jax.Array) -> jax.Array:
@@ -204,11 +251,20 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
 
 
 def backward_scan(
-    cell: Cell, params, xs, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1
-):
-    """The VJP of one recurrence from its forward's saved values: ``(d_params, d_h0, d_xs)``."""
+    cell: Cell, params, xs, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1,
+    restart=None, h_reset=None,
+):  # fmt: skip
+    """The VJP of one recurrence from its forward's saved values: ``(d_params, d_h0, d_xs)``.
+
+    With ``restart``, ``h_reset=None`` restarts from ``h0`` and ``d_h0`` includes every
+    restart's gradient; a state of its own is held constant (its gradient is not returned).
+    """
     deltas = backward_deltas(
-        cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse, unroll=unroll
-    )
+        cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse, unroll=unroll,
+        restart=restart, h_reset=h0 if h_reset is None else h_reset,
+    )  # fmt: skip
     d_params, d_xs = cell_grads(cell, params, xs, deltas)
-    return d_params, deltas.d_h0, d_xs
+    d_h0 = deltas.d_h0
+    if restart is not None and h_reset is None:
+        d_h0 = jax.tree_util.tree_map(jnp.add, d_h0, deltas.d_reset)
+    return d_params, d_h0, d_xs

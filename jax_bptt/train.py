@@ -131,26 +131,28 @@ def keep_if_finite(finite: jax.Array, new, old):
 
 
 def _gradient_fn(*, cell, loss, mode, options, truncation, dropout, residual, time_major):
-    """``(params, xs, targets, h0, lengths, key) -> (loss, grads, carry)`` for one step."""
+    """``(params, xs, targets, h0, lengths, key, resets) -> (loss, grads, carry)`` for one
+    step."""
     model = dict(
         cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual, time_major=time_major
     )
     if truncation is None:
 
-        def full_sequence(params, xs, targets, h0, lengths, key):
+        def full_sequence(params, xs, targets, h0, lengths, key, resets):
             grads = bptt(
-                params, xs, targets, lengths=lengths, h0=h0, key=key, options=options, **model
-            )
+                params, xs, targets, lengths=lengths, h0=h0, key=key, options=options,
+                resets=resets, **model,
+            )  # fmt: skip
             return grads.loss, grads.params, None
 
         return full_sequence
 
-    def window(params, xs, targets, h0, lengths, key):
+    def window(params, xs, targets, h0, lengths, key, resets):
         if lengths is not None:
             raise ValueError("lengths are not supported with truncated BPTT (streams are unpadded)")
         result = window_grads(
             params, xs, targets, k1=truncation.k1, k2=truncation.k2, h0=h0, key=key,
-            options=options, **model,
+            options=options, resets=resets, **model,
         )  # fmt: skip
         return result.loss, result.params, result.carry
 
@@ -170,7 +172,8 @@ def make_train_step(
     time_major: bool = True,
 ):
     """Build a jitted ``train_step(params, opt_state, xs, targets, h0=None, lengths=None,
-    key=None)``.
+    key=None, resets=None)``: a batch may mark segment starts with ``resets`` (bool ``(T, B)``,
+    as for ``jax_bptt.bptt``), e.g. several short sequences packed into one row.
 
     Args:
       optimizer: any optax ``GradientTransformation`` (e.g. ``make_optimizer("adam", 1e-3)``).
@@ -180,7 +183,8 @@ def make_train_step(
       truncation: ``(k1, k2)`` to train on truncated-BPTT windows: ``xs`` is then a window of
         ``k1 <= W <= k2`` steps whose last ``k1`` steps carry the loss, ``h0`` the states entering
         it, and ``StepInfo.carry`` the states the next window starts from
-        (``jax_bptt.truncated``); per-step loss, no ``lengths``, unidirectional models.
+        (``jax_bptt.truncated``); per-step loss, no ``lengths``, unidirectional models; a
+        window's ``resets`` restart from zeros (not from the carry).
       dropout: between layers; its masks come from ``train_step``'s ``key``, which it then needs.
       time_major: False for batch-major ``xs (B, T, ...)`` and per-step targets.
 
@@ -214,13 +218,13 @@ def make_train_step(
     needs_key = dropout > 0
 
     @jax.jit
-    def train_step(params, opt_state, xs, targets, h0=None, lengths=None, key=None):
+    def train_step(params, opt_state, xs, targets, h0=None, lengths=None, key=None, resets=None):
         if needs_key and key is None:
             raise ValueError(
                 f"dropout={dropout} needs a PRNG key per step for its masks: pass "
                 "train_step(..., key=jax.random.key(...)) (fit derives one from the step's key)"
             )
-        value, grads, carry = gradients(params, xs, targets, h0, lengths, key)
+        value, grads, carry = gradients(params, xs, targets, h0, lengths, key, resets)
         finite = jnp.isfinite(value) & _all_finite(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         params = keep_if_finite(finite, optax.apply_updates(params, updates), params)
@@ -369,7 +373,7 @@ def fit(
       params: initial params; with ``resume`` also the template the checkpoint loads into.
       optimizer: the one ``train_step`` was built with (its ``init`` gives the state template).
       batch_fn: ``(data_key, step, carry) -> dict`` of ``train_step`` keyword arguments (``xs``,
-        ``targets`` and optionally ``h0``, ``lengths``), where ``data_key =
+        ``targets`` and optionally ``h0``, ``lengths``, ``resets``), where ``data_key =
         jax.random.fold_in(key, step)``; ``carry`` is the previous ``StepInfo.carry`` (or
         ``init_carry``), e.g. to pass as ``h0`` of the next truncated-BPTT window.
       key: the run's key; on resume the checkpoint's key is used.

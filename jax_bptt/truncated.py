@@ -32,6 +32,10 @@ gradients and the final states (the carry) in one pass. With ``k1 < k2``, ``mode
 states entering it, and ``model.stack_backward`` carries the returned ``d h0`` back through the
 window's first ``W - k1`` steps (no loss terms there, so only that cotangent flows); one taped
 forward over the window gives those steps' saved values and the carry.
+
+Resets (segment starts inside the stream, as for ``jax_bptt.unroll``) are sliced per window, and
+a restart returns to the stream's initial state (``h_reset``, stop-gradient), not to the carry: a
+window whose first step starts a segment drops the carried state too.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from jax_bptt.model import (
     to_time_major,
 )
 from jax_bptt.modes import CORES
-from jax_bptt.validation import check_choice, check_targets
+from jax_bptt.validation import check_choice, check_state, check_targets
 
 
 class Truncation(NamedTuple):
@@ -111,11 +115,14 @@ def _slice_tapes(tapes, stop: int):
     return jax.tree_util.tree_map(lambda a: a[:stop], tapes)
 
 
-def _window_loss(params, h_start, xs, targets, drops, *, cell, loss, residual, options, k1):
+def _window_loss(
+    params, h_start, xs, targets, drops, resets, h_reset, *, cell, loss, residual, options, k1
+):
     """Loss of the last ``k1`` steps of the window ``xs: (W b d)``, and the window's tapes."""
     outputs, _, tapes = stack_forward(
-        cell, options, params["layers"], h_start, xs, None, drops, residual, run_scan
-    )
+        cell, options, params["layers"], h_start, xs, None, drops, residual, run_scan, resets,
+        h_reset,
+    )  # fmt: skip
     ys = readout(params["readout"], outputs[-k1:])
     return sequence_loss(ys, targets[-k1:], loss), tapes
 
@@ -125,35 +132,43 @@ _STATIC = ("cell", "loss", "residual", "options", "k1", "k2", "mode")
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _window_core(
-    params, h_start, xs, targets, drops, *, cell, loss, residual, options, k1, k2, mode
-):
-    h_start = jax.lax.stop_gradient(h_start)
+    params, h_start, xs, targets, drops, resets, h_reset, *, cell, loss, residual, options, k1,
+    k2, mode,
+):  # fmt: skip
+    h_start, h_reset = jax.lax.stop_gradient((h_start, h_reset))
     num_steps = xs.shape[0]
     carry_index = num_steps + k1 - k2 - 1
     static = dict(cell=cell, loss=loss, residual=residual, options=options)
     if k1 == k2:  # the whole window carries the loss and the carry is its final state
-        grads, finals = CORES[mode](params, h_start, xs, targets, None, drops, **static)
+        grads, finals = CORES[mode](
+            params, h_start, xs, targets, None, drops, resets, h_reset, **static
+        )
         return WindowResult(grads.loss, grads.params, jax.lax.stop_gradient(finals))
     if mode == "auto":
         (value, tapes), grads = jax.value_and_grad(
             functools.partial(_window_loss, k1=k1, **static), has_aux=True
-        )(params, h_start, xs, targets, drops)
+        )(params, h_start, xs, targets, drops, resets, h_reset)
         return WindowResult(
             value, grads, jax.lax.stop_gradient(_states_at(tapes, h_start, carry_index))
         )
 
-    _, tapes = _window_loss(params, h_start, xs, targets, drops, k1=k1, **static)
+    _, tapes = _window_loss(params, h_start, xs, targets, drops, resets, h_reset, k1=k1, **static)
     prefix = num_steps - k1  # steps that only carry the gradient further back
     h_tail = _states_at(tapes, h_start, prefix - 1)
     tail = None if drops is None else [d[prefix:] for d in drops]
-    grads, _ = CORES[mode](params, h_tail, xs[prefix:], targets[prefix:], None, tail, **static)
+    head_resets, tail_resets = (
+        (None, None) if resets is None else (resets[:prefix], resets[prefix:])
+    )
+    grads, _ = CORES[mode](
+        params, h_tail, xs[prefix:], targets[prefix:], None, tail, tail_resets, h_reset, **static
+    )
     d_params = grads.params
     if prefix > 0:  # no loss term before the tail: only d h_tail flows back through the prefix
         features = params["readout"]["W_hy"].shape[0]
         d_layers, _, _ = stack_backward(
             cell, options, params["layers"], h_start, _slice_tapes(tapes, prefix), None,
             None if drops is None else [d[:prefix] for d in drops], residual,
-            jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0,
+            jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0, head_resets, h_reset,
         )  # fmt: skip
         d_params = {
             **d_params,
@@ -187,6 +202,8 @@ def window_grads(
     residual=False,
     options=None,
     time_major: bool = True,
+    resets=None,
+    h_reset=None,
 ) -> WindowResult:
     """Loss and gradients of one truncated-BPTT window (the unit of one training step).
 
@@ -200,6 +217,10 @@ def window_grads(
       mode: a name in ``jax_bptt.BPTT_MODES``.
       loss, dropout, key, residual, options, time_major: as for ``jax_bptt.bptt`` (per-step
         placement only).
+      resets: bool ``(W, B)`` segment starts in the window (``(B, W)`` batch-major); a set
+        ``resets[0]`` drops ``h0`` too.
+      h_reset: the states a restart returns to (like ``h0``, stop-gradient), default zeros
+        (``truncated_bptt`` passes the stream's initial states).
 
     Returns:
       ``WindowResult(loss, params, carry)`` where ``carry`` is the states the next window starts
@@ -209,8 +230,12 @@ def window_grads(
     loss = _check_mode_and_loss(mode, loss)
     run = prepare(
         params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options, time_major=time_major,
+        residual=residual, options=options, time_major=time_major, resets=resets,
     )  # fmt: skip
+    if run.batch.resets is not None:  # the restart state: validated like h0, zeros by default
+        h_reset = check_state(h_reset, run.cell, run.shape, run.batch.xs.shape[1], True)
+    elif h_reset is not None:
+        raise ValueError("h_reset is the state a reset restarts from: it needs resets")
     if hasattr(targets, "ndim"):  # per-step targets (B, T, ...) -> (T, B, ...)
         targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
     if not run.batch.batched:
@@ -227,7 +252,8 @@ def window_grads(
         )
     targets = check_targets(targets, loss, num_steps, batch_size, run.shape.output_size, True)
     return _window_core(
-        params, run.batch.h0, run.batch.xs, targets, run.drops,
+        params, run.batch.h0, run.batch.xs, targets, run.drops, run.batch.resets,
+        None if run.batch.resets is None else h_reset,
         cell=run.cell, loss=loss, residual=residual, options=run.options, k1=k1, k2=k2, mode=mode,
     )  # fmt: skip
 
@@ -246,6 +272,7 @@ def truncated_bptt(
     residual=False,
     options=None,
     time_major: bool = True,
+    resets=None,
 ) -> WindowResult:
     """BPTT(k1, k2) over a whole stream at fixed params (no updates between blocks).
 
@@ -253,6 +280,8 @@ def truncated_bptt(
       xs: ``(T, B, D)`` stream (or token ids ``(T, B)``), ``T`` a multiple of ``k1``, ``k2 <= T``.
       targets: per-step targets ``(T, B)`` (cross_entropy ids) or ``(T, B, O)`` (mse).
       h0: the stream's initial states, default zeros.
+      resets: bool ``(T, B)`` segment starts (``(B, T)`` batch-major): every layer restarts from
+        ``h0`` there, also where a window starts (module docstring).
       Other arguments as in ``window_grads``.
 
     Returns:
@@ -275,6 +304,7 @@ def truncated_bptt(
     loss = _check_mode_and_loss(mode, loss)
     xs = to_time_major(xs, time_major, len(shape))
     targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
+    resets = to_time_major(resets, time_major, 2)
     k1, k2 = check_truncation(k1, k2, xs.shape[0])
     num_blocks = xs.shape[0] // k1
     carry, total_loss, total_grads = h0, 0.0, None
@@ -284,6 +314,7 @@ def truncated_bptt(
         result = window_grads(
             params, xs[start:end], targets[start:end], cell=cell, k1=k1, k2=k2, loss=loss,
             h0=carry, mode=mode, residual=residual, options=options,
+            resets=None if resets is None else resets[start:end], h_reset=h0,
         )  # fmt: skip
         carry = result.carry
         total_loss = total_loss + result.loss

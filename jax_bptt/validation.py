@@ -35,6 +35,7 @@ class Batch(NamedTuple):
     lengths: jax.Array | None  # (b,) int
     targets: jax.Array | None
     batched: bool
+    resets: jax.Array | None = None  # (t b) bool: segment starts
 
 
 class ModelShape(NamedTuple):
@@ -209,6 +210,26 @@ def check_lengths(lengths, num_steps: int, batch_size: int, batched: bool):
     return jnp.reshape(jnp.asarray(lengths), (batch_size,))
 
 
+def check_resets(resets, num_steps: int, batch_size: int, batched: bool):
+    """``(T, B)`` bools (``(T,)`` unbatched; ``(B, T)`` batch-major is transposed before this)
+    -> ``(T, B)`` array, or None. Bool only: 0/1 integers would hide a swapped argument."""
+    if resets is None:
+        return None
+    want = (num_steps, batch_size) if batched else (num_steps,)
+    if not hasattr(resets, "dtype"):
+        resets = np.asarray(resets)
+    if _shape(resets) != want:
+        raise ValueError(
+            f"resets must have shape {want} ((T, B), or (B, T) with time_major=False; (T,) for "
+            f"one sequence), got {_shape(resets)}"
+        )
+    if resets.dtype != jnp.bool_:
+        raise TypeError(
+            f"resets must be bool (True where a new sequence starts), got {resets.dtype}"
+        )
+    return jnp.reshape(jnp.asarray(resets), (num_steps, batch_size))
+
+
 def check_state(h0, cell: Cell, shape: ModelShape, batch_size: int, batched: bool) -> list:
     """``h0`` (one ``{"fwd": state, "bwd"?: state}`` per layer, leaves ``(B, H)``, or ``(H,)``
     unbatched) in the batched layout; None gives the zero state."""
@@ -336,8 +357,11 @@ def check_stack_options(shape: ModelShape, dropout, key, residual, token_ids=Fal
         )
 
 
-def check_inputs(params, xs, *, cell: Cell, lengths=None, h0=None) -> tuple[ModelShape, Batch]:
-    """Params, ``xs``, ``lengths`` and ``h0`` checked and brought to the batched layout."""
+def check_inputs(
+    params, xs, *, cell: Cell, lengths=None, h0=None, resets=None
+) -> tuple[ModelShape, Batch]:
+    """Params, ``xs``, ``lengths``, ``h0`` and ``resets`` checked and brought to the batched
+    layout."""
     shape = check_params(params, cell)
     check_xs(xs, shape)
     batched = xs.ndim == (2 if is_token_ids(xs) else 3)
@@ -345,4 +369,5 @@ def check_inputs(params, xs, *, cell: Cell, lengths=None, h0=None) -> tuple[Mode
     num_steps, batch_size = xs.shape[:2]
     lengths = check_lengths(lengths, num_steps, batch_size, batched)
     h0 = check_state(h0, cell, shape, batch_size, batched)
-    return shape, Batch(xs, h0, lengths, None, batched)
+    resets = check_resets(resets, num_steps, batch_size, batched)
+    return shape, Batch(xs, h0, lengths, None, batched, resets)

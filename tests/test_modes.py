@@ -358,6 +358,7 @@ def test_gradients_inside_user_jit():
 
 MODE_PARAMETERS = [
     "cell", "loss", "lengths", "h0", "dropout", "key", "residual", "options", "time_major",
+    "resets",
 ]  # fmt: skip
 
 
@@ -371,7 +372,7 @@ def test_mode_functions_show_their_real_parameters(name):
     assert params["cell"].default is inspect.Parameter.empty
     assert params["loss"].default == "mse" and params["dropout"].default == 0.0
     assert params["residual"].default is False
-    assert all(params[p].default is None for p in ("lengths", "h0", "key", "options"))
+    assert all(params[p].default is None for p in ("lengths", "h0", "key", "options", "resets"))
     assert params["time_major"].default is True
     bptt = inspect.signature(jb.bptt).parameters
     assert list(bptt) == ["params", "xs", "targets", "cell", "mode", *MODE_PARAMETERS[1:]]

@@ -370,7 +370,9 @@ def test_truncated_bptt_bare_step_float32_and_global_batch_on_8_devices():
 
 
 def test_layout_rule_puts_the_batch_axis_where_each_argument_has_it():
-    assert parallel.batch_dims("per_step") == {"xs": 1, "targets": 1, "lengths": 0, "h0": 0}
+    assert parallel.batch_dims("per_step") == {
+        "xs": 1, "targets": 1, "lengths": 0, "h0": 0, "resets": 1
+    }  # fmt: skip
     assert parallel.batch_dims("last_step")["targets"] == 0
     assert parallel.batch_dims(Loss("cross_entropy", "last_step")) == parallel.batch_dims(
         "last_step"
