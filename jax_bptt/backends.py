@@ -38,7 +38,9 @@ class Backend(NamedTuple):
         unroll) -> Deltas``, as ``jax_bptt.scan.backward_deltas``.
 
     Both are also passed ``compute_dtype=`` when ``ScanOptions.compute_dtype`` is set (the
-    built-in ``"xla"`` backend takes it; ``"pallas"`` refuses mixed precision).
+    built-in ``"xla"`` backend takes it; ``"pallas"`` refuses mixed precision). Under
+    ``unroll(..., return_states=True)`` the backward's ``d_hs`` is a state pytree (a cotangent
+    for every step's whole state); ``"pallas"`` takes that only for ``h``-only states.
     """
 
     scan_states: Callable

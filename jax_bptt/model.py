@@ -493,6 +493,13 @@ def unroll(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major,
     )  # fmt: skip
+    state_leaves = len(jax.tree_util.tree_leaves(run.batch.h0[0]["fwd"]))
+    hand_written = mode in ("fast", "checkpointed")  # the modes that run the backend's backward
+    if return_states and hand_written and run.options.backend == "pallas" and state_leaves > 1:
+        raise ValueError(
+            f"return_states with backend 'pallas' needs an h-only state; cell {run.cell.name!r} "
+            "carries more (its kernels take no cotangent for it): use backend='xla'"
+        )
     outputs, finals, states = _unroll_core(
         params["layers"], run.batch.h0, run.batch.xs, run.batch.lengths, run.drops,
         cell=run.cell, residual=residual, options=run.options, mode=mode,

@@ -171,6 +171,9 @@ def test_layouts_batch_major_unbatched_and_empty():
     assert TREE.tree_leaves(TREE.tree_map(jnp.shape, empty)) == [0, B, H] * 8
     with pytest.raises(TypeError, match="return_states must be a bool"):
         jb.unroll(params, xs, cell="lstm", return_states="yes")
+    with pytest.raises(ValueError, match="return_states with backend 'pallas' needs an h-only"):
+        pallas = jb.ScanOptions(backend="pallas")
+        jb.unroll(params, xs, cell="lstm", mode="fast", options=pallas, return_states=True)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
