@@ -7,11 +7,12 @@ validated, batched, time-major arrays (the dimension letters of ``jax_bptt.cells
 
 Masks: with ``lengths`` a sequence's state is frozen past its length (the mask is
 ``t < length``, so the final state is the state at its length) and its outputs there are zero.
+``reverse=True`` scans from ``T - 1`` down to 0 with the same mask, so a padded sequence's reverse
+pass starts at its last valid step, like PyTorch's packed sequences. ``T = 0`` is allowed.
+
 ``compute_dtype`` (e.g. ``"bfloat16"``): every GEMM here takes its operands in that dtype and
 accumulates in the params' dtype (``jax_bptt.cells.matmul``); pointwise math, the carried states
 and deltas, and the sums over time stay in the params' dtype. None: all in the params' dtype.
-``reverse=True`` scans from ``T - 1`` down to 0 with the same mask, so a padded sequence's reverse
-pass starts at its last valid step, like PyTorch's packed sequences. ``T = 0`` is allowed.
 """
 
 from __future__ import annotations
