@@ -24,6 +24,11 @@ all params, the inputs and the initial state, in float32. Modes:
 
 Each library candidate's record holds the ``ScanOptions`` it resolved to (``"options"``).
 
+``--pairs``: instead of the grid, three pairs on the fast path, each baseline and candidate
+interleaved: the hand-written LSTM/GRU backward against the one ``make_cell`` derives by
+``jax.vjp`` (``derived``), time-major against batch-major inputs (``batch_major``), float32
+against ``ScanOptions(compute_dtype="bfloat16")`` (``bf16``); the load average is recorded.
+
 Peers, when installed: PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` (cuDNN on a GPU;
 ``--device``) and Flax ``nn.RNN`` with ``SimpleCell``/``OptimizedLSTMCell``/``GRUCell`` + ``Dense``.
 
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,7 +67,7 @@ from common import (
 
 from jax_bptt import ScanOptions, bptt, get_cell, init_model
 from jax_bptt.backends import PLATFORM_DEFAULTS, resolve_options
-from jax_bptt.cells import step
+from jax_bptt.cells import make_cell, step
 from jax_bptt.losses import Loss, sequence_loss
 from jax_bptt.model import readout
 from jax_bptt.scan import previous_states, sum_outer
@@ -91,9 +97,6 @@ def compile_measured(fn, *args):
     args), and the bytes of temporary buffers XLA allocates for it (not counting arguments and
     outputs), None when the backend does not report a memory analysis. One compilation serves
     both the timing and the memory figure.
-
-    LOCAL STAND-IN for the package's former ``jax_bptt.fast.compiled_temp_bytes`` (measurement,
-    not model code; the redesign removed it).
     """
     compiled = jax.jit(fn).lower(*args).compile()
     try:
@@ -192,8 +195,11 @@ def jax_candidates(cell_name: str, modes, unrolls) -> dict:
     return out
 
 
-def _library_grads(params, h0, xs, targets, *, cell, mode, options):
-    return bptt(params, xs, targets, cell=cell, mode=mode, h0=[{"fwd": h0}], options=options)
+def _library_grads(params, h0, xs, targets, *, cell, mode, options, time_major=True):
+    return bptt(
+        params, xs, targets, cell=cell, mode=mode, h0=[{"fwd": h0}], options=options,
+        time_major=time_major,
+    )  # fmt: skip
 
 
 def jax_inputs(cell_name, batch, hidden, steps, features):
@@ -368,6 +374,57 @@ def with_best_unroll(records):
             best = min(fast, key=lambda q: q["cpu_ms"])
             out.append({**best, "mode": "fast+unroll", "derived_from": best["mode"]})
     return out
+
+
+def derived(cell_name: str):
+    """The cell rebuilt from its forward alone: ``make_cell`` derives its backward by jax.vjp."""
+    cell = get_cell(cell_name)
+    return make_cell(
+        f"{cell_name}_derived", num_gates=cell.num_gates, init=cell.init,
+        forward=lambda params, xp, hp, state: cell.forward(params, xp, hp, state)[0],
+        zero_state=cell.zero_state, hidden=cell.hidden, with_hidden=cell.with_hidden,
+        pointwise_params=("b_hn",) if cell_name == "gru" else (),  # read inside the reset gate
+    )  # fmt: skip
+
+
+PAIRS = {  # name: (baseline, candidate) as (cell variant, ScanOptions, time-major), fast mode
+    "derived": (("hand", ScanOptions(), True), ("derived", ScanOptions(), True)),
+    "batch_major": (("hand", ScanOptions(), True), ("hand", ScanOptions(), False)),
+    "bf16": (("hand", ScanOptions(), True), ("hand", ScanOptions(compute_dtype="bfloat16"), True)),
+}
+
+
+def measure_pairs(cell_name, size, repeats) -> list:
+    """One record per pair at one (cell, B, H, T, D): both sides' medians, interleaved."""
+    args = jax_inputs(cell_name, *size)
+    batch_major = (*args[:2], args[2].swapaxes(0, 1), args[3].swapaxes(0, 1))
+    records = []
+    for pair, sides in PAIRS.items():
+        runs = {}
+        for side, (variant, options, major) in zip(("baseline", "candidate"), sides, strict=True):
+            cell = derived(cell_name) if variant == "derived" else cell_name
+            fn = functools.partial(
+                _library_grads, cell=cell, mode="fast", options=options, time_major=major
+            )
+            inputs = args if major else batch_major
+            runs[side] = jax_timer(jax.jit(fn).lower(*inputs).compile(), inputs)
+        (b_ms, b_cpu), (c_ms, c_cpu) = interleaved_medians(runs, repeats).values()
+        records.append(dict(
+            impl="pair", pair=pair, cell=cell_name, size=list(size), repeats=repeats,
+            baseline_ms=b_ms, candidate_ms=c_ms, baseline_cpu_ms=b_cpu, candidate_cpu_ms=c_cpu,
+        ))  # fmt: skip
+    return records
+
+
+def pairs_report(records, header: str) -> str:
+    lines = [header, "", "candidate / baseline (fast mode; median of interleaved rounds)"]
+    lines.append(f"  {'pair':<12} {'cell':<6} {'B,H,T,D':<16} {'wall':>6} {'cpu':>6}")
+    for r in records:
+        size = ",".join(map(str, r["size"]))
+        wall = _ratio(r["candidate_ms"], r["baseline_ms"])
+        cpu = _ratio(r["candidate_cpu_ms"], r["baseline_cpu_ms"])
+        lines.append(f"  {r['pair']:<12} {r['cell']:<6} {size:<16} {wall:>6} {cpu:>6}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,6 +620,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and Flax")
     parser.add_argument("--no-long", action="store_true", help="skip the T=16384 row")
     parser.add_argument("--no-grid", action="store_true", help="only the T=16384 row")
+    parser.add_argument("--pairs", action="store_true", help="only the pairs (module docstring)")
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch device"
     )
@@ -587,17 +645,21 @@ def parse_args(argv=None):
     return args
 
 
+def finish(args, records, report: str):
+    """Print the report, write ``--txt`` and ``--json``; the records are main's result."""
+    print(report)
+    if args.txt:
+        write_text(args.txt, report)
+    if args.json:
+        write_text(args.json, json.dumps(records, indent=1))
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.render:
         records = with_best_unroll(args.records)
-        report = full_report(records, args)
-        print(report)
-        if args.txt:
-            write_text(args.txt, report)
-        if args.json:
-            write_text(args.json, json.dumps(records, indent=1))
-        return records
+        return finish(args, records, full_report(records, args))
 
     if args.threads is not None:
         set_cpu_threads(args.threads)
@@ -616,6 +678,14 @@ def main(argv=None):
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.sizes:
         grid = args.sizes
+    if args.pairs:  # the cells with a hand-written backward to derive
+        load = "load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+        cells = [c for c in args.cells if c != "elman_tanh"]
+        records = [r for size in grid for c in cells for r in measure_pairs(c, size, args.repeats)]
+        load += ", after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+        for r in records:
+            r.update(device=device, versions=vers, threads=threads, load=load)
+        return finish(args, records, pairs_report(records, header + "\n" + load) + "\n")
     records = []
     modes = ("auto", "auto_hoisted", "manual", "fast", "fast_one_chunk", "checkpointed")
     modes += ("gemm_floor",)
@@ -636,13 +706,8 @@ def main(argv=None):
             print(table(got, "").lstrip("\n"), flush=True)
     for r in records:
         r.update(device=device, versions=vers, threads=threads)
-    report = full_report(records, args)
-    print("\n" + "=" * 100 + "\n" + report)
-    if args.json:
-        write_text(args.json, json.dumps(records, indent=1))
-    if args.txt:
-        write_text(args.txt, report)
-    return records
+    print("\n" + "=" * 100)
+    return finish(args, records, full_report(records, args))
 
 
 if __name__ == "__main__":

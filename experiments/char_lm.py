@@ -124,6 +124,7 @@ class Config:
     residual: bool | str = False  # or "except_first": layers 1.. add their input
     devices: int | None = None  # data-parallel devices (None: one device, no mesh)
     unroll: int | None = None  # lax.scan unroll (None: the platform's default)
+    dtype: str = "float32"  # GEMM operands: float32 or bfloat16 (params stay float32)
 
 
 QUICK = dict(

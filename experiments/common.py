@@ -142,7 +142,7 @@ def add_optimizer_args(parser: argparse.ArgumentParser, *, lr: float, clip_norm)
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Model-shape, scan and device flags: --layers, --bidirectional, --dropout, --residual,
-    --unroll, --devices."""
+    --unroll, --dtype, --devices."""
     parser.add_argument("--layers", type=POSITIVE, default=None, help="stacked recurrent layers")
     parser.add_argument(
         "--bidirectional", action="store_true", help="a forward and a backward cell per layer"
@@ -167,6 +167,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "platform's",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="the recurrences' GEMM operands (jax_bptt.ScanOptions(compute_dtype=...)); params, "
+        "states and gradients stay float32; default float32",
+    )
+    parser.add_argument(
         "--devices",
         type=POSITIVE,
         default=None,
@@ -183,6 +190,7 @@ MODEL_DEFAULTS = {
     "residual": False,
     "devices": None,
     "unroll": None,
+    "dtype": "float32",
 }
 
 
@@ -209,7 +217,7 @@ def parse_model_args(parser, args, *, batch: int) -> dict:
     another size) or False.
     """
     options = dict(MODEL_DEFAULTS)
-    for name in ("layers", "dropout", "devices", "unroll"):
+    for name in ("layers", "dropout", "devices", "unroll", "dtype"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.bidirectional:
@@ -240,8 +248,12 @@ def parse_model_args(parser, args, *, batch: int) -> dict:
 
 
 def scan_options(options: dict) -> jb.ScanOptions:
-    """``--unroll k`` as ``jax_bptt.ScanOptions(unroll=k)`` (None: the platform's default)."""
-    return jb.ScanOptions(unroll=options.get("unroll"))
+    """``--unroll k`` and ``--dtype`` as ``jax_bptt.ScanOptions(unroll=k, compute_dtype=...)``
+    (None: the platform's default unroll; float32: no mixed precision)."""
+    dtype = options.get("dtype", "float32")
+    return jb.ScanOptions(
+        unroll=options.get("unroll"), compute_dtype=None if dtype == "float32" else dtype
+    )
 
 
 def model_kwargs(cell: str, options: dict) -> dict:

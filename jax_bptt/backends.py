@@ -6,10 +6,12 @@ A ``Backend`` is the pair of recurrences the fast path calls: a forward with the
 is imported the first time it is asked for; ``register_backend`` adds a user's own. This module
 imports nothing above ``scan``, so any module may import it.
 
-``ScanOptions`` collects the knobs that change how a recurrence is scheduled, never what it
-computes: the ``lax.scan`` unroll, the backend, the fast backward's chunk length and the
-checkpointed segment length. ``None`` means "this platform's default" (``PLATFORM_DEFAULTS``),
-resolved once per call by ``resolve_options`` before anything is traced.
+``ScanOptions`` collects the knobs that change how a recurrence is scheduled: the ``lax.scan``
+unroll, the backend, the fast backward's chunk length and the checkpointed segment length, which
+change the result only by summation order; and ``compute_dtype``, the one knob that changes what
+is computed: the GEMMs' operand precision (bf16 mixed precision). ``None`` means "this platform's
+default" (``PLATFORM_DEFAULTS``), resolved once per call by ``resolve_options`` before anything is
+traced.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Backend(NamedTuple):
 
     With resets inside a sequence (and only then) both are also called with the keywords
     ``restart`` and ``h_reset``, as the ``jax_bptt.scan`` functions take them.
+    Both are also passed ``compute_dtype=`` when ``ScanOptions.compute_dtype`` is set (the
+    built-in ``"xla"`` backend takes it; ``"pallas"`` refuses mixed precision). Under
+    ``unroll(..., return_states=True)`` the backward's ``d_hs`` is a state pytree (a cotangent
+    for every step's whole state); ``"pallas"`` takes that only for ``h``-only states.
     """
 
     scan_states: Callable
@@ -64,7 +70,8 @@ PLATFORM_DEFAULTS = {
 
 
 class ScanOptions(NamedTuple):
-    """How the recurrences are scheduled (the results are the same up to summation order).
+    """How the recurrences are scheduled (the results are the same up to summation order), and
+    in what precision their GEMMs run (``compute_dtype``, which does change the result).
 
     Attributes:
       unroll: steps per ``lax.scan`` iteration (an int >= 1, capped at T, or True for all);
@@ -77,6 +84,12 @@ class ScanOptions(NamedTuple):
         mesh, ``chunk_bytes=0`` keeps one chunk: XLA all-reduces the chunk loop's gradient carry
         once per chunk).
       segment_length: checkpointed mode's segment (``ceil(sqrt(T))`` when None).
+      compute_dtype: a float dtype (name), e.g. ``"bfloat16"``: the operands of the input
+        projection, the recurrent ``h @ W_hh``, ``d hp @ W_hh^T`` and the weight-gradient and
+        ``d xs`` GEMMs are cast to it, accumulating in the params' dtype; pointwise math, states,
+        gradients and their sums over time stay in the params' dtype, as do the params and the
+        returned gradients. None (or the params' dtype): everything in the params' dtype. Every
+        mode but ``"parallel"``; the ``"xla"`` backend only.
     """
 
     unroll: int | bool | None = None
@@ -84,6 +97,7 @@ class ScanOptions(NamedTuple):
     chunk_length: int | None = None
     chunk_bytes: int | None = None
     segment_length: int | None = None
+    compute_dtype: str | None = None
 
 
 _BUILTIN = {"xla": Backend(scan_states, backward_deltas)}
@@ -145,6 +159,16 @@ def check_options(options) -> ScanOptions:
         or options.chunk_bytes < 0
     ):
         raise ValueError(f"ScanOptions.chunk_bytes must be None or an int >= 0, got {options!r}")
+    if options.compute_dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(options.compute_dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(
+                "ScanOptions.compute_dtype must be None or a float dtype such as 'bfloat16', "
+                f"got {options.compute_dtype!r}"
+            )
     if options.backend != "auto":
         get_backend(options.backend)
     return options
@@ -193,6 +217,17 @@ def resolve_options(
             "backend 'pallas' cannot run resets: its kernels have no restarts inside a sequence; "
             "use backend='xla' (or 'auto')"
         )
+    compute_dtype = options.compute_dtype
+    if compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.dtype(dtype):
+        compute_dtype = None  # the params' own dtype: nothing to cast
+    compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
+    if backend == "pallas" and compute_dtype is not None:
+        if options.backend != "auto":
+            raise ValueError(
+                f"backend 'pallas' cannot run ScanOptions.compute_dtype={compute_dtype!r} (its "
+                "kernels compute in the params' dtype); use backend='xla'"
+            )
+        backend = "xla"
     if backend == "pallas" and cell.pointwise_params:
         raise ValueError(
             f"backend 'pallas' cannot run cell {cell.name!r}: its kernels take no gradients of "
@@ -214,4 +249,4 @@ def resolve_options(
         segment_length = default_segment_length(num_steps)
     else:  # a segment longer than T would only pad
         segment_length = max(1, min(options.segment_length, num_steps))
-    return ScanOptions(unroll, backend, chunk_length, chunk_bytes, segment_length)
+    return ScanOptions(unroll, backend, chunk_length, chunk_bytes, segment_length, compute_dtype)

@@ -424,12 +424,22 @@ def is_token_ids(xs) -> bool:
     return jnp.issubdtype(xs.dtype, jnp.integer)
 
 
-def project_inputs(params: Params, xs: Array) -> Array:
-    """``(..., d) -> (..., g)``: ``xs @ W_xh + b_h``, one GEMM for every step at once; for token
-    ids ``(...)`` a row gather ``W_xh[xs] + b_h`` (the same as the GEMM with one-hot inputs)."""
+def matmul(a: Array, b: Array, compute_dtype=None) -> Array:
+    """``a @ b``; with ``compute_dtype`` (e.g. ``"bfloat16"``) the operands are cast to it and the
+    products accumulated in their own dtype (``preferred_element_type``): mixed precision."""
+    if compute_dtype is None:
+        return a @ b
+    out = jnp.result_type(a, b)
+    return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=out)
+
+
+def project_inputs(params: Params, xs: Array, compute_dtype=None) -> Array:
+    """``(..., d) -> (..., g)``: ``xs @ W_xh + b_h``, one GEMM for every step at once (operands in
+    ``compute_dtype`` if given); for token ids ``(...)`` a row gather ``W_xh[xs] + b_h`` (the same
+    as the GEMM with one-hot inputs)."""
     if is_token_ids(xs):
         return jnp.take(params["W_xh"], xs, axis=0) + params["b_h"]
-    return xs @ params["W_xh"] + params["b_h"]
+    return matmul(xs, params["W_xh"], compute_dtype) + params["b_h"]
 
 
 def step(cell: str | Cell, params: Params, state: State, x: Array) -> State:

@@ -464,6 +464,7 @@ def deer_unroll(
     init_states=None,
     restart=None,
     h_reset=None,
+    all_states=False,
 ):
     """Run a cell over a sequence by parallel-in-time Newton (DEER / quasi-DEER).
 
@@ -494,6 +495,8 @@ def deer_unroll(
       restart: ``(T, B)`` bool or None: where set, the state entering step t (in the scan's
         order; with ``reverse`` the one after step t + 1) is ``h_reset`` (default ``h0``), and no
         gradient crosses (``jax_bptt.scan.restart_mask`` turns segment starts into this).
+      all_states: return every step's whole state (h0's structure, leaves ``(T, B, H)``, zero
+        where ``t >= length``) in place of ``hs``.
 
     Returns:
       ``(hs, final_state, info)``: ``hs (T, B, H)`` the hidden part of each step's state, zero
@@ -533,7 +536,10 @@ def deer_unroll(
     if steps == 0:
         zero = jnp.zeros((), dtype)
         info = DeerInfo(jnp.int32(0), zero, jnp.bool_(True), jnp.bool_(False))
-        return jnp.zeros((0, batch, params["W_hh"].shape[0]), dtype), h0, info
+        hs = jnp.zeros((0, batch, params["W_hh"].shape[0]), dtype)
+        if all_states:
+            hs = jax.tree_util.tree_map(lambda a: jnp.zeros((0, *a.shape), dtype), h0)
+        return hs, h0, info
     tol = DEFAULT_TOL.get(jnp.dtype(dtype).itemsize, 1e-5) if tol is None else float(tol)
     max_iters = steps if max_iters is None else int(max_iters)
 
@@ -550,9 +556,13 @@ def deer_unroll(
     states, info = _solve_jit(
         cell, layout, method, params, xs, s0, mask, init, controls, restart, s_reset
     )
-    hs = jnp.where(mask[..., None], cell.hidden(_unflatten(states, layout)), 0.0)
+    stacked = _unflatten(states, layout)
+    hs = jax.tree_util.tree_map(
+        lambda a: jnp.where(mask[..., None], a, 0.0)[:: -1 if reverse else 1],
+        stacked if all_states else cell.hidden(stacked),
+    )
     final = _unflatten(states[-1], layout)
-    return (hs[::-1] if reverse else hs), final, info
+    return hs, final, info
 
 
 def lyapunov_exponent(cell, params, xs, h0, lengths=None) -> Array:

@@ -8,7 +8,10 @@ one for ``d xs`` (``cell_grads``). The gradient w.r.t. params, ``xs`` and ``h0``
 including the final state's cotangent. ``jax.jvp`` (forward mode) is not available through a
 ``custom_vjp``. With ``chunk_length < T`` the backward runs chunk by chunk: a chunk's reverse
 scan, then its weight-gradient GEMMs while its ``d xp`` is still in cache, carrying ``d state`` to
-the next chunk (the same sums in another order).
+the next chunk (the same sums in another order). With ``all_states`` both return every step's
+whole state (leaves ``(t b h)``, zero past each length) instead of ``hs``, and their backward takes
+a cotangent for each of them. ``options.compute_dtype`` sets the GEMMs' operand dtype
+(``jax_bptt.scan``).
 
 ``checkpointed_scan`` trades compute for memory on long sequences: the forward keeps only the
 state at each segment boundary (``ceil(T / K)`` of them); the backward is a reverse scan over
@@ -39,31 +42,41 @@ from jax_bptt.scan import cell_grads, length_mask, masked_hidden
 # fast_scan: custom_vjp whose backward is the hand-written reverse scan
 
 
-def restart_kwargs(restart, h_reset) -> dict:
-    """A backend's restart keywords: none at all without restarts (so a backend of your own that
-    takes no restarts runs as before)."""
-    return {} if restart is None else {"restart": restart, "h_reset": h_reset}
+def backend_kwargs(options, restart=None, h_reset=None) -> dict:
+    """A backend's optional keywords, only those in use (so a backend of your own that takes
+    neither restarts nor a compute dtype runs as before)."""
+    kwargs = {} if restart is None else {"restart": restart, "h_reset": h_reset}
+    if options.compute_dtype is not None:
+        kwargs["compute_dtype"] = options.compute_dtype
+    return kwargs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fast_scan(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def fast_scan(
+    cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
+):
     """``(hs (t b h), final_state)`` of one recurrence on validated, batched inputs ``xs (t b d)``,
     ``lengths (b,)`` or None, ``restart (t b)`` or None; ``options`` resolved (``chunk_length``
-    only schedules the backward). Its VJP is the hand-written reverse scan."""
-    return _fast_fwd(cell, options, reverse, params, xs, h0, lengths, restart, h_reset)[0]
+    only schedules the backward). With ``all_states``, every step's state pytree in place of
+    ``hs``. Its VJP is the hand-written reverse scan."""
+    args = (params, xs, h0, lengths, restart, h_reset)
+    return _fast_fwd(cell, options, reverse, all_states, *args)[0]
 
 
-def _fast_fwd(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
+def _fast_fwd(
+    cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
+):
     mask = length_mask(lengths, xs.shape[0])
-    xp = project_inputs(params, xs)  # (t b g): one GEMM for every step
+    xp = project_inputs(params, xs, options.compute_dtype)  # (t b g): one GEMM for every step
     final, (states, saved) = get_backend(options.backend).scan_states(
-        cell, params, xp, h0, mask, reverse, options.unroll, **restart_kwargs(restart, h_reset)
-    )
+        cell, params, xp, h0, mask, reverse, options.unroll,
+        **backend_kwargs(options, restart, h_reset),
+    )  # fmt: skip
     residuals = (params, xs, h0, lengths, states, saved, restart, h_reset)
-    return (masked_hidden(cell, states, mask), final), residuals
+    return (masked_hidden(cell, states, mask, all_states), final), residuals
 
 
-def _fast_bwd(cell, options, reverse, residuals, cotangents):
+def _fast_bwd(cell, options, reverse, all_states, residuals, cotangents):
     params, xs, h0, lengths, states, saved, restart, h_reset = residuals
     d_hs, d_final = cotangents
     mask = length_mask(lengths, xs.shape[0])
@@ -73,9 +86,9 @@ def _fast_bwd(cell, options, reverse, residuals, cotangents):
         """One chunk: the reverse scan from ``d_state``, then its weight-gradient GEMMs."""
         deltas = impl.backward_deltas(
             cell, params, before, mask_k, states_k, saved_k, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll, **restart_kwargs(restart_k, h_reset),
+            reverse=reverse, unroll=options.unroll, **backend_kwargs(options, restart_k, h_reset),
         )  # fmt: skip
-        d_params, d_xs_k = cell_grads(cell, params, xs_k, deltas)
+        d_params, d_xs_k = cell_grads(cell, params, xs_k, deltas, options.compute_dtype)
         return deltas.d_h0, (d_params, deltas.d_reset), d_xs_k
 
     chunk_length = options.chunk_length
@@ -168,59 +181,67 @@ def _segments(xs, lengths, segment_length: int):
     return split_segments(xs, num_segments, segment_length), mask, num_segments
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def checkpointed_scan(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def checkpointed_scan(
+    cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
+):
     """``fast_scan`` that saves only the states at boundaries of ``options.segment_length``-step
     segments and recomputes each segment's forward in the backward."""
-    return _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths, restart, h_reset)[0]
+    args = (params, xs, h0, lengths, restart, h_reset)
+    return _checkpointed_fwd(cell, options, reverse, all_states, *args)[0]
 
 
 def _split_restart(restart, num_segments: int, segment_length: int):
     return None if restart is None else split_segments(restart, num_segments, segment_length)
 
 
-def _checkpointed_fwd(cell, options, reverse, params, xs, h0, lengths, restart=None, h_reset=None):
+def _checkpointed_fwd(
+    cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
+):
     xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
     restart_seg = _split_restart(restart, num_segments, options.segment_length)
     run_states = get_backend(options.backend).scan_states
 
     def forward_segment(state, inputs):
         xs_k, mask_k, restart_k = inputs
-        xp = project_inputs(params, xs_k)  # per segment, so no (t b g) buffer is ever live
+        # per segment, so no (t b g) buffer is ever live
+        xp = project_inputs(params, xs_k, options.compute_dtype)
         final, (states, _) = run_states(
             cell, params, xp, state, mask_k, reverse, options.unroll,
-            **restart_kwargs(restart_k, h_reset),
+            **backend_kwargs(options, restart_k, h_reset),
         )  # fmt: skip
-        return final, (state, masked_hidden(cell, states, mask_k))
+        return final, (state, masked_hidden(cell, states, mask_k, all_states))
 
     final, (boundaries, hs) = jax.lax.scan(
         forward_segment, h0, (xs_seg, mask_seg, restart_seg), reverse=reverse
     )
-    residuals = (params, xs, lengths, boundaries, restart, h_reset)
-    return (merge_segments(hs, xs.shape[0]), final), residuals
+    hs = jax.tree_util.tree_map(lambda a: merge_segments(a, xs.shape[0]), hs)
+    return (hs, final), (params, xs, lengths, boundaries, restart, h_reset)
 
 
-def _checkpointed_bwd(cell, options, reverse, residuals, cotangents):
+def _checkpointed_bwd(cell, options, reverse, all_states, residuals, cotangents):
     params, xs, lengths, boundaries, restart, h_reset = residuals
     d_hs, d_final = cotangents
     xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
     restart_seg = _split_restart(restart, num_segments, options.segment_length)
-    d_hs_seg = split_segments(d_hs, num_segments, options.segment_length)
+    d_hs_seg = jax.tree_util.tree_map(
+        lambda a: split_segments(a, num_segments, options.segment_length), d_hs
+    )
     impl = get_backend(options.backend)
 
     def backward_segment(carry, inputs):
         d_state, d_params = carry
         xs_k, mask_k, state0, d_hs_k, restart_k = inputs
-        restarts = restart_kwargs(restart_k, h_reset)
-        xp = project_inputs(params, xs_k)
+        kwargs = backend_kwargs(options, restart_k, h_reset)
+        xp = project_inputs(params, xs_k, options.compute_dtype)
         _, (states, saved) = impl.scan_states(
-            cell, params, xp, state0, mask_k, reverse, options.unroll, **restarts
+            cell, params, xp, state0, mask_k, reverse, options.unroll, **kwargs
         )
         deltas = impl.backward_deltas(
             cell, params, state0, mask_k, states, saved, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll, **restarts,
+            reverse=reverse, unroll=options.unroll, **kwargs,
         )  # fmt: skip
-        d_params_k, d_xs_k = cell_grads(cell, params, xs_k, deltas)
+        d_params_k, d_xs_k = cell_grads(cell, params, xs_k, deltas, options.compute_dtype)
         d_params = jax.tree_util.tree_map(jnp.add, d_params, (d_params_k, deltas.d_reset))
         return (deltas.d_h0, d_params), d_xs_k
 

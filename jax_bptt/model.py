@@ -30,7 +30,9 @@ its forward half at ``t = length - 1`` and, when bidirectional, its backward hal
 (where the backward pass ends). Without residual connections that is PyTorch's
 ``concat(h_n[-2], h_n[-1])``. A length-0 sequence contributes no term.
 
-Each layer and direction runs through one of ``RUNS`` (how its gradient is formed):
+Each layer and direction runs through one of ``RUNS`` (how its gradient is formed); with
+``all_states`` a run returns every step's whole state (leaves ``(t b h)``, zero past each length)
+in place of ``hs``, differentiable like ``hs``:
 
 - ``"auto"``: ``scan_hidden``, differentiated by ``jax.grad`` (``run_scan`` is the same forward
   keeping the tape that the hand-written ``stack_backward`` reads);
@@ -172,56 +174,78 @@ def readout(params: dict, features: jax.Array) -> jax.Array:
 
 
 def run_auto(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
-    h_reset=None,
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
+    restart=None, h_reset=None,
 ):  # fmt: skip
     """``(hs (t b h), final, None)`` by ``scan_hidden``, for ``jax.grad`` to differentiate."""
     mask = length_mask(lengths, inputs.shape[0])
-    xp = project_inputs(params, inputs)  # (t b g): one GEMM (or row gather) for every step
-    final, hs = scan_hidden(cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset)
+    cd = options.compute_dtype
+    xp = project_inputs(params, inputs, cd)  # (t b g): one GEMM (or row gather) for every step
+    final, hs = scan_hidden(
+        cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset,
+        all_states=all_states, compute_dtype=cd,
+    )  # fmt: skip
     return hs, final, None
 
 
 def run_scan(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
-    h_reset=None,
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
+    restart=None, h_reset=None,
 ):  # fmt: skip
     """``(hs (t b h), final, tape)`` by ``scan_states``: the tape ``(states, saved)`` is what
     ``backward_scan`` needs (the hand-written backward's forward)."""
     mask = length_mask(lengths, inputs.shape[0])
-    xp = project_inputs(params, inputs)  # (t b g): one GEMM for every step
-    final, tape = scan_states(cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset)
-    return masked_hidden(cell, tape[0], mask), final, tape
+    cd = options.compute_dtype
+    xp = project_inputs(params, inputs, cd)  # (t b g): one GEMM for every step
+    final, tape = scan_states(
+        cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset, compute_dtype=cd
+    )
+    return masked_hidden(cell, tape[0], mask, all_states), final, tape
 
 
 def run_fast(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
-    h_reset=None,
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
+    restart=None, h_reset=None,
 ):  # fmt: skip
     """``fast_scan``: its VJP is the hand-written reverse scan (no tape outside it)."""
-    hs, final = fast_scan(cell, options, reverse, params, inputs, h0, lengths, restart, h_reset)
+    hs, final = fast_scan(
+        cell, options, reverse, all_states, params, inputs, h0, lengths, restart, h_reset
+    )
     return hs, final, None
 
 
 def run_checkpointed(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
-    h_reset=None,
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
+    restart=None, h_reset=None,
 ):  # fmt: skip
     """``checkpointed_scan``: boundary states only; segments recomputed in the backward."""
     hs, final = checkpointed_scan(
-        cell, options, reverse, params, inputs, h0, lengths, restart, h_reset
+        cell, options, reverse, all_states, params, inputs, h0, lengths, restart, h_reset
     )
     return hs, final, None
 
 
 def run_parallel(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, restart=None,
-    h_reset=None,
+    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
+    restart=None, h_reset=None,
 ):  # fmt: skip
     """``deer_unroll``: all steps at once by Newton over associative scans (falling back to the
     sequential scan when it does not converge), with an exact adjoint (``jax_bptt.deer``)."""
+    if options.compute_dtype is not None:
+        raise ValueError(
+            f"mode 'parallel' computes in the params' dtype: ScanOptions.compute_dtype="
+            f"{options.compute_dtype!r} needs mode 'auto', 'manual', 'fast' or 'checkpointed'"
+        )
     hs, final, _ = deer_unroll(
-        cell, params, inputs, h0, lengths, reverse=reverse, restart=restart, h_reset=h_reset
+        cell,
+        params,
+        inputs,
+        h0,
+        lengths,
+        reverse=reverse,
+        restart=restart,
+        h_reset=h_reset,
+        all_states=all_states,
     )
     return hs, final, None
 
@@ -272,6 +296,7 @@ class LayerTape(NamedTuple):
 
     inputs: jax.Array  # (t b f_in), after the previous layer's dropout
     runs: dict  # direction -> run_scan's tape (None for the fast and checkpointed runs)
+    states: dict | None = None  # direction -> every step's state, with all_states
 
 
 def _restarts(resets, reverse: bool, h_reset, layer: int, name: str) -> tuple:
@@ -283,27 +308,37 @@ def _restarts(resets, reverse: bool, h_reset, layer: int, name: str) -> tuple:
 
 def stack_forward(
     cell, options, layers, h0, xs, lengths, drops, residual, run=run_scan, resets=None,
-    h_reset=None,
+    h_reset=None, *, all_states=False,
 ):  # fmt: skip
     """``(outputs (t b f), final states, tapes)`` of the whole stack; ``run`` (one of ``RUNS``) is
     called once per layer and direction. ``resets (t b)``: segment starts, where every layer
-    restarts from ``h_reset`` (states like ``h0``; None: ``h0`` itself)."""
+    restarts from ``h_reset`` (states like ``h0``; None: ``h0`` itself). With ``all_states`` each
+    tape also holds its layer's states at every step (``LayerTape.states``)."""
     mask = length_mask(lengths, xs.shape[0])
     # Inputs past a length must not reach anything: a NaN there would make 0 * NaN in the weight
     # gradients (PyTorch's packed sequences never read padding either).
     inputs, finals, tapes = masked(mask, xs), [], []
     for i, layer in enumerate(layers):
-        outs, runs, final = [], {}, {}
+        outs, runs, final, states = [], {}, {}, {}
         for name, reverse in _directions(layer):
             restarts = _restarts(resets, reverse, h0 if h_reset is None else h_reset, i, name)
-            hs, final[name], runs[name] = run(
-                cell, options, layer[name], inputs, h0[i][name], lengths, reverse, *restarts
+            stacked, final[name], runs[name] = run(
+                cell,
+                options,
+                layer[name],
+                inputs,
+                h0[i][name],
+                lengths,
+                reverse,
+                all_states,
+                *restarts,
             )
-            outs.append(hs)
+            states[name] = stacked
+            outs.append(cell.hidden(stacked) if all_states else stacked)
         out = jnp.concatenate(outs, axis=-1)
         if has_residual(residual, i):  # masked so outputs past a length stay zero
             out = out + masked(mask, inputs)
-        tapes.append(LayerTape(inputs, runs))
+        tapes.append(LayerTape(inputs, runs, states if all_states else None))
         finals.append(final)
         if drops is not None and i < len(layers) - 1:
             out = out * drops[i]
@@ -340,6 +375,7 @@ def stack_backward(
                 d_out[..., offset : offset + size], d_final, reverse=reverse,
                 unroll=options.unroll, restart=restart_mask(resets, reverse),
                 h_reset=None if h_reset is None else h_reset[i][name],
+                compute_dtype=options.compute_dtype,
             )  # fmt: skip
             d_inputs = None if d_x is None else d_inputs + d_x  # token ids have no gradient
             offset += size
@@ -451,12 +487,17 @@ def unbatch(tree, batched: bool):
     return tree if batched else jax.tree_util.tree_map(lambda a: a[0], tree)
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "residual", "options", "mode"))
-def _unroll_core(layers, h0, xs, lengths, drops, resets, *, cell, residual, options, mode):
-    outputs, finals, _ = stack_forward(
-        cell, options, layers, h0, xs, lengths, drops, residual, RUNS[mode], resets
-    )
-    return outputs, finals
+@functools.partial(
+    jax.jit, static_argnames=("cell", "residual", "options", "mode", "return_states")
+)
+def _unroll_core(
+    layers, h0, xs, lengths, drops, resets, *, cell, residual, options, mode, return_states
+):
+    outputs, finals, tapes = stack_forward(
+        cell, options, layers, h0, xs, lengths, drops, residual, RUNS[mode], resets,
+        all_states=return_states,
+    )  # fmt: skip
+    return outputs, finals, [tape.states for tape in tapes] if return_states else None
 
 
 UNROLL_MODES = tuple(RUNS)
@@ -476,6 +517,7 @@ def unroll(
     options: ScanOptions | None = None,
     time_major: bool = True,
     resets=None,
+    return_states: bool = False,
 ):
     """Run the model's layers over a sequence.
 
@@ -492,15 +534,20 @@ def unroll(
         ``lax.scan``), ``"fast"`` (the hand-written reverse scan), ``"checkpointed"`` (that,
         recomputing segments: memory ``O(sqrt T)`` per recurrence besides the outputs) or
         ``"parallel"`` (parallel in time, ``jax_bptt.deer``; float inputs).
-      options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths).
+      options: ``ScanOptions`` (scan unroll, backend, chunk and segment lengths, GEMM precision).
       time_major: False for batch-major ``xs (B, T, D)`` and outputs ``(B, T, dirs*H)``.
       resets: bool ``(T, B)`` (``(B, T)`` batch-major, ``(T,)`` unbatched): where set, every
         layer restarts from ``h0`` before that step, and no gradient crosses the boundary (a
         backward direction restarts at the end of each segment). Default: no restarts.
+      return_states: also return every step's whole state (the LSTM's ``c_t`` too).
 
     Returns:
       ``(outputs, final_states)``: ``outputs (T, B, dirs*H)`` of the top layer (zero past each
-      length), ``final_states`` like ``h0``.
+      length), ``final_states`` like ``h0``. With ``return_states``, ``(outputs, final_states,
+      states)``: ``states`` like ``h0`` with a leading time axis on every leaf, ``(T, B, H)``
+      (``(B, T, H)`` batch-major, ``(T, H)`` for one sequence): layer ``l``'s state after step
+      ``t`` in each direction (a backward direction's entry ``t`` is its state after reading step
+      ``t``), zero where ``t >= length``. Differentiable in every mode.
 
     Example:
       >>> params = init_model(jax.random.key(0), "gru", 3, 8, 2, num_layers=2, bidirectional=True)
@@ -509,17 +556,31 @@ def unroll(
       ((5, 4, 16), (4, 8))
     """
     check_choice("mode", mode, UNROLL_MODES)
+    if not isinstance(return_states, bool):
+        raise TypeError(f"return_states must be a bool, got {return_states!r}")
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major, resets=resets,
     )  # fmt: skip
-    outputs, finals = _unroll_core(
+    state_leaves = len(jax.tree_util.tree_leaves(run.batch.h0[0]["fwd"]))
+    hand_written = mode in ("fast", "checkpointed")  # the modes that run the backend's backward
+    if return_states and hand_written and run.options.backend == "pallas" and state_leaves > 1:
+        raise ValueError(
+            f"return_states with backend 'pallas' needs an h-only state; cell {run.cell.name!r} "
+            "carries more (its kernels take no cotangent for it): use backend='xla'"
+        )
+    outputs, finals, states = _unroll_core(
         params["layers"], run.batch.h0, run.batch.xs, run.batch.lengths, run.drops,
         run.batch.resets, cell=run.cell, residual=residual, options=run.options, mode=mode,
+        return_states=return_states,
     )  # fmt: skip
     if run.batch.batched:
-        return to_time_major(outputs, time_major, 3), finals
-    return outputs[:, 0], unbatch(finals, False)
+        outputs = to_time_major(outputs, time_major, 3)
+        states = jax.tree_util.tree_map(lambda s: to_time_major(s, time_major, 3), states)
+    else:  # the time axis stays first
+        outputs, finals = outputs[:, 0], unbatch(finals, False)
+        states = jax.tree_util.tree_map(lambda s: s[:, 0], states)
+    return (outputs, finals, states) if return_states else (outputs, finals)
 
 
 def predict(

@@ -15,6 +15,10 @@ Restarts: ``restart (t b)`` bool, in the scan's own order, says that the state e
 model's segment starts ``resets`` into that for either direction). No gradient crosses a restart;
 ``d h_reset`` sums the gradient of every restart. A frozen step (past the length) ignores its
 restart. ``restart=None`` traces exactly the code without restarts.
+
+``compute_dtype`` (e.g. ``"bfloat16"``): every GEMM here takes its operands in that dtype and
+accumulates in the params' dtype (``jax_bptt.cells.matmul``); pointwise math, the carried states
+and deltas, and the sums over time stay in the params' dtype. None: all in the params' dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_bptt.cells import Cell, is_token_ids
+from jax_bptt.cells import Cell, is_token_ids, matmul
 
 
 def length_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None:
@@ -70,8 +74,9 @@ def restarted(restart_t: jax.Array | None, h_reset, state):
 
 
 def scan_states(
-    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None
-):
+    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None,
+    *, compute_dtype=None,
+):  # fmt: skip
     """The recurrence on projected inputs ``xp: (t b g)``; ``restart (t b)`` and ``h_reset`` as in
     the module docstring.
 
@@ -82,7 +87,7 @@ def scan_states(
     def body(state, inputs):
         xp_t, mask_t, restart_t = inputs
         prev = restarted(restart_t, h_reset, state)
-        hp_t = cell.hidden(prev) @ params["W_hh"]
+        hp_t = matmul(cell.hidden(prev), params["W_hh"], compute_dtype)
         new_state, saved = cell.forward(params, xp_t, hp_t, prev)
         new_state = select(mask_t, new_state, state)
         return new_state, (new_state, saved)
@@ -91,25 +96,32 @@ def scan_states(
 
 
 def scan_hidden(
-    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None
-):
+    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, restart=None, h_reset=None,
+    *, all_states=False, compute_dtype=None,
+):  # fmt: skip
     """``scan_states`` that stacks only the hidden outputs, zero past each length: ``(final_state,
-    hs (t b h))``. What ``jax.grad`` differentiates in the automatic mode: it saves what its own
-    backward needs, and nothing else is written per step."""
+    hs (t b h))`` (with ``all_states``, every step's whole state, leaves ``(t b h)``). What
+    ``jax.grad`` differentiates in the automatic mode: it saves what its own backward needs, and
+    nothing else is written per step."""
 
     def body(state, inputs):
         xp_t, mask_t, restart_t = inputs
         prev = restarted(restart_t, h_reset, state)
-        new_state, _ = cell.forward(params, xp_t, cell.hidden(prev) @ params["W_hh"], prev)
+        hp_t = matmul(cell.hidden(prev), params["W_hh"], compute_dtype)
+        new_state, _ = cell.forward(params, xp_t, hp_t, prev)
         new_state = select(mask_t, new_state, state)
-        h = cell.hidden(new_state)
-        return new_state, h if mask_t is None else jnp.where(mask_t[:, None], h, 0)
+        out = new_state if all_states else cell.hidden(new_state)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, out)
+        return new_state, select(mask_t, out, zeros)
 
     return jax.lax.scan(body, h0, (xp, mask, restart), reverse=reverse, unroll=unroll)
 
 
-def masked_hidden(cell: Cell, states, mask) -> jax.Array:
-    """``(t b h)`` hidden outputs, zero past each sequence's length."""
+def masked_hidden(cell: Cell, states, mask, all_states: bool = False) -> jax.Array:
+    """``(t b h)`` hidden outputs (with ``all_states`` the whole stacked state pytree), zero past
+    each sequence's length."""
+    if all_states:
+        return jax.tree_util.tree_map(lambda s: masked(mask, s), states)
     return masked(mask, cell.hidden(states))
 
 
@@ -159,30 +171,40 @@ def backward_deltas(
     unroll: int = 1,
     restart=None,
     h_reset=None,
+    compute_dtype=None,
 ) -> Deltas:
     """The hand-written BPTT recurrence: only ``delta`` travels through the reverse scan.
 
     Args:
       params: cell params; h0 the initial state; mask ``(t b)`` or None.
       states, saved: what ``scan_states`` stacked over t.
-      d_hs: ``(t b h)`` gradient of the loss w.r.t. the hidden outputs (``dL_t/dh_t``).
+      d_hs: ``(t b h)`` gradient of the loss w.r.t. the hidden outputs (``dL_t/dh_t``), or a
+        state pytree (leaves ``(t b h)``): the gradient w.r.t. every step's whole state.
       d_final: gradient w.r.t. the final state (zeros when the loss ignores it).
       reverse: the direction the forward ran in; the backward runs the other way.
       restart, h_reset: as for ``scan_states``; a restarted step sends its ``d state_{t-1}`` to
         ``Deltas.d_reset`` and zero to the step before it.
+      compute_dtype: the GEMM operands' dtype (module docstring); None: the params' dtype.
     """
     states_prev = previous_states(h0, states, reverse=reverse, restart=restart, h_reset=h_reset)
-    d_hs = masked(mask, d_hs)  # outputs past a length are constant zeros: no gradient flows back
+    tree = jax.tree_util
+    whole = tree.tree_structure(d_hs) == tree.tree_structure(d_final)  # one leaf: the same thing
+    # outputs past a length are constant zeros: no gradient flows back
+    d_hs = tree.tree_map(lambda d: masked(mask, d), d_hs)
 
     def backward_step(carry, inputs):
         d_state, d_reset = carry
         d_hs_t, mask_t, state_prev, saved_t, restart_t = inputs
-        d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
+        if whole:
+            d_state = tree.tree_map(jnp.add, d_state, d_hs_t)
+        else:
+            d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
         d_step = d_state
         if cell.pointwise_params and mask_t is not None:  # frozen rows give params no gradient
             d_step = select(mask_t, d_state, jax.tree_util.tree_map(jnp.zeros_like, d_state))
         d_prev, d_xp, d_hp, *d_pointwise = cell.backward(params, saved_t, state_prev, d_step)
-        d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + d_hp @ params["W_hh"].T)
+        d_h_prev = matmul(d_hp, params["W_hh"].T, compute_dtype)
+        d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + d_h_prev)
         shared = d_hp is d_xp  # Elman, LSTM: stack one (t b g) array over t, not two equal ones
         if mask_t is not None:  # past the length the state was frozen: pass d_state through
             d_prev = select(mask_t, d_prev, d_state)
@@ -211,8 +233,9 @@ def backward_deltas(
     return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states, d_pointwise, d_reset)
 
 
-def sum_outer(a: jax.Array, c: jax.Array) -> jax.Array:
-    """``sum_tb a_tb^T c_tb``: ``(t b m), (t b n) -> (m n)``, one GEMM over all ``(t, b)`` rows.
+def sum_outer(a: jax.Array, c: jax.Array, compute_dtype=None) -> jax.Array:
+    """``sum_tb a_tb^T c_tb``: ``(t b m), (t b n) -> (m n)``, one GEMM over all ``(t, b)`` rows
+    (operands in ``compute_dtype`` if given, accumulated in their own dtype).
 
     A ``dot_general`` contracting the leading axes in order (so a batch-sharded ``b`` becomes a
     partial sum plus one all-reduce, with no reshape across the sharded axis). The smaller
@@ -222,12 +245,17 @@ def sum_outer(a: jax.Array, c: jax.Array) -> jax.Array:
     """
     leading = tuple(range(a.ndim - 1))
     dims = ((leading, leading), ((), ()))
-    if a.size <= c.size:
-        return jax.lax.dot_general(a, c, dims)
-    return jax.lax.dot_general(c, a, dims).T
+    out = jnp.result_type(a, c)
+    if compute_dtype is not None:
+        a, c = a.astype(compute_dtype), c.astype(compute_dtype)
+    # Mixed precision keeps the given order: XLA:CPU folds the ``.T`` below into a new bf16 dot
+    # after its pass that widens bf16 dots, which then fails at run time (jax 0.10.2).
+    if a.size <= c.size or compute_dtype is not None:
+        return jax.lax.dot_general(a, c, dims, preferred_element_type=out)
+    return jax.lax.dot_general(c, a, dims, preferred_element_type=out).T
 
 
-def cell_grads(cell: Cell, params, xs, deltas: Deltas):
+def cell_grads(cell: Cell, params, xs, deltas: Deltas, compute_dtype=None):
     """``(d_params, d_xs)`` from the deltas: one GEMM each over all (t, b).
 
     dW_xh = sum_t x_t^T d xp_t,  dW_hh = sum_t h_{t-1}^T d hp_t,  db_h = sum_t d xp_t,
@@ -235,15 +263,17 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
 
     For token ids ``xs (t b)`` the first is a scatter-add of ``d xp_t`` into the rows ``x_t`` of
     ``dW_xh`` (the transpose of the gather), and ids have no gradient (``d_xs`` is None).
+    ``compute_dtype``: the GEMM operands' dtype (module docstring).
     """
     if is_token_ids(xs):
         d_w_xh = jnp.zeros_like(params["W_xh"]).at[xs].add(deltas.d_xp)
         d_xs = None
     else:
-        d_w_xh, d_xs = sum_outer(xs, deltas.d_xp), deltas.d_xp @ params["W_xh"].T
+        d_w_xh = sum_outer(xs, deltas.d_xp, compute_dtype)
+        d_xs = matmul(deltas.d_xp, params["W_xh"].T, compute_dtype)
     d_params = {
         "W_xh": d_w_xh,
-        "W_hh": sum_outer(deltas.h_prev, deltas.d_hp),
+        "W_hh": sum_outer(deltas.h_prev, deltas.d_hp, compute_dtype),
         **cell.bias_grads(deltas.d_xp.sum((0, 1)), deltas.d_hp.sum((0, 1))),
         **(deltas.d_pointwise or {}),
     }
@@ -252,7 +282,7 @@ def cell_grads(cell: Cell, params, xs, deltas: Deltas):
 
 def backward_scan(
     cell: Cell, params, xs, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1,
-    restart=None, h_reset=None,
+    restart=None, h_reset=None, compute_dtype=None,
 ):  # fmt: skip
     """The VJP of one recurrence from its forward's saved values: ``(d_params, d_h0, d_xs)``.
 
@@ -261,9 +291,9 @@ def backward_scan(
     """
     deltas = backward_deltas(
         cell, params, h0, mask, states, saved, d_hs, d_final, reverse=reverse, unroll=unroll,
-        restart=restart, h_reset=h0 if h_reset is None else h_reset,
+        restart=restart, h_reset=h0 if h_reset is None else h_reset, compute_dtype=compute_dtype,
     )  # fmt: skip
-    d_params, d_xs = cell_grads(cell, params, xs, deltas)
+    d_params, d_xs = cell_grads(cell, params, xs, deltas, compute_dtype)
     d_h0 = deltas.d_h0
     if restart is not None and h_reset is None:
         d_h0 = jax.tree_util.tree_map(jnp.add, d_h0, deltas.d_reset)

@@ -92,7 +92,7 @@ def test_char_lm_quick_deep_data_parallel(tmp_path):
     flags = ["--layers", "2", "--dropout", "0.1", "--residual", "--devices", "1"]
     summary = _quick(char_lm, out, *flags, "--steps", "4", "--eval-every", "4")
     options = {"layers": 2, "bidirectional": False, "dropout": 0.1, "residual": "except_first"}
-    assert summary["model_options"] == {**options, "devices": 1, "unroll": None}
+    assert summary["model_options"] == {**options, "devices": 1, "unroll": None, "dtype": "float32"}
     saved = json.loads((out / "config.json").read_text())["config"]
     assert {name: saved[name] for name in options} == options
     assert math.isfinite(summary["final_val_nats"]) and summary["steps"] == 4
@@ -179,13 +179,14 @@ def test_adding_problem_quick(tmp_path):
 
 
 def test_copy_memory_quick(tmp_path):
-    flags = ["--models", "gru,lstm", "--bptt", "auto", "--unroll", "2"]
+    flags = ["--models", "gru,lstm", "--bptt", "auto", "--unroll", "2", "--dtype", "bfloat16"]
     summary = _quick(copy_memory, tmp_path / "copy", *flags)
     rows = summary["results"]
     assert [r["model"] for r in rows] == ["gru", "lstm"]
     assert all(0.0 <= r["recall_accuracy"] <= 1.0 for r in rows)
     assert summary["bptt_mode"] == "auto"
     assert summary["model_options"]["unroll"] == 2
+    assert summary["model_options"]["dtype"] == "bfloat16"
     assert summary["config"]["delays"] == (5,)
     assert (tmp_path / "copy" / "copy_memory.png").stat().st_size > 0
 
@@ -397,6 +398,19 @@ def test_bench_smoke_run_writes_records(tmp_path):
     assert "options" not in by_mode["auto"] and "options" not in by_mode["gemm_floor"]
     text = Path(str(out) + ".txt").read_text()
     assert "targets, wall time" in text and "gemm_floor" in text
+
+
+def test_bench_pairs_smoke_run(tmp_path):
+    """--pairs: the three pairs per cell with a hand-written backward, each with both sides."""
+    out = tmp_path / "pairs.json"
+    flags = ["--pairs", "--sizes", "2,4,3,2", "--cells", "elman_tanh", "lstm", "--repeats", "1"]
+    records = bench.main([*flags, "--json", str(out), "--txt", str(out) + ".txt"])
+    assert [(r["pair"], r["cell"]) for r in records] == [
+        (pair, "lstm") for pair in ("derived", "batch_major", "bf16")
+    ]
+    for r in json.loads(out.read_text()):
+        assert r["baseline_ms"] > 0 and r["candidate_ms"] > 0 and "load average" in r["load"]
+    assert "candidate / baseline" in Path(str(out) + ".txt").read_text()
 
 
 def test_gemm_floor_has_the_gradients_shapes():
