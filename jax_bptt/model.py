@@ -168,7 +168,8 @@ def readout(params: dict, features: jax.Array) -> jax.Array:
 def run_auto(cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse):
     """``(hs (t b h), final, None)`` by ``scan_hidden``, for ``jax.grad`` to differentiate."""
     mask = length_mask(lengths, inputs.shape[0])
-    xp = project_inputs(params, inputs)  # (t b g): one GEMM (or row gather) for every step
+    # float inputs: one GEMM for every step; token ids: a row gather per step (``scan_hidden``)
+    xp = inputs if is_token_ids(inputs) else project_inputs(params, inputs)
     final, hs = scan_hidden(cell, params, xp, h0, mask, reverse, options.unroll)
     return hs, final, None
 
