@@ -187,6 +187,7 @@ def window_grads(
     residual=False,
     options=None,
     time_major: bool = True,
+    output_dropout: float = 0.0,
 ) -> WindowResult:
     """Loss and gradients of one truncated-BPTT window (the unit of one training step).
 
@@ -198,8 +199,8 @@ def window_grads(
         ``(W, B, O)`` for mse); only the last ``k1`` steps count.
       h0: the states entering the window (stop-gradient is applied), default zeros.
       mode: a name in ``jax_bptt.BPTT_MODES``.
-      loss, dropout, key, residual, options, time_major: as for ``jax_bptt.bptt`` (per-step
-        placement only).
+      loss, dropout, key, residual, options, time_major, output_dropout: as for
+        ``jax_bptt.bptt`` (per-step placement only).
 
     Returns:
       ``WindowResult(loss, params, carry)`` where ``carry`` is the states the next window starts
@@ -209,7 +210,7 @@ def window_grads(
     loss = _check_mode_and_loss(mode, loss)
     run = prepare(
         params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
-        residual=residual, options=options, time_major=time_major,
+        residual=residual, options=options, time_major=time_major, output_dropout=output_dropout,
     )  # fmt: skip
     if hasattr(targets, "ndim"):  # per-step targets (B, T, ...) -> (T, B, ...)
         targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
