@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--k1", type=int, default=64)
+    parser.add_argument("--k1", type=int, default=32)  # char_lm.py's default window
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="XLA CPU threads (0: XLA's own)")
     parser.add_argument("--modes", default="auto,manual,fast")

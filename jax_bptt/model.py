@@ -11,7 +11,8 @@ direction is the same recurrence with ``reverse=True`` and the same length mask,
 sequence's backward pass starts at its last valid step, as with PyTorch's packed sequences), plus
 the layer's input when the layer has a residual connection. Between layers (after every layer but
 the last) comes inverted dropout, as PyTorch's ``dropout`` argument: kept units are scaled by
-``1 / (1 - dropout)``; the masks are drawn from an explicit ``key``.
+``1 / (1 - dropout)``; the masks are drawn from an explicit ``key``. ``output_dropout`` drops
+units of the top layer's output, what the readout reads (regularizes a one-layer model too).
 
 ``residual``: ``False``; ``True`` on every layer (layer 0 then needs ``input_size == dirs*h``);
 ``"except_first"`` on layers ``1..L-1``, whose input and output sizes always match.
@@ -180,7 +181,8 @@ def run_auto(
     """``(hs (t b h), final, None)`` by ``scan_hidden``, for ``jax.grad`` to differentiate."""
     mask = length_mask(lengths, inputs.shape[0])
     cd = options.compute_dtype
-    xp = project_inputs(params, inputs, cd)  # (t b g): one GEMM (or row gather) for every step
+    # float inputs: one GEMM for every step; token ids: a row gather per step (``scan_hidden``)
+    xp = inputs if is_token_ids(inputs) else project_inputs(params, inputs, cd)
     final, hs = scan_hidden(
         cell, params, xp, h0, mask, reverse, options.unroll, restart, h_reset,
         all_states=all_states, compute_dtype=cd,
@@ -270,21 +272,30 @@ def _directions(layer: dict):
     return [(name, reverse) for name, reverse in DIRECTIONS if name in layer]
 
 
-def dropout_masks(key, dropout: float, layers, xs) -> list | None:
-    """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last.
+def dropout_masks(key, dropout: float, layers, xs, output_dropout: float = 0.0) -> list | None:
+    """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last, then,
+    when ``output_dropout > 0``, one more for the top layer's outputs (what the readout reads).
 
-    Entries are 0 or ``1 / (1 - dropout)``; one key per layer, split from ``key``. Drawn outside
-    the compiled cores, so every mode sees the same masks and none compiles the PRNG.
+    Entries are 0 or ``1 / (1 - p)``; one key per layer between layers, split from ``key``, and
+    ``fold_in(key, num_layers)`` for the top (so adding it leaves the other masks as they were).
+    Drawn outside the compiled cores, so every mode sees the same masks and none compiles the PRNG.
     """
-    if dropout == 0 or len(layers) == 1:
+    between = dropout > 0 and len(layers) > 1
+    if not between and output_dropout == 0:
         return None
-    keys = jax.random.split(key, len(layers) - 1)
-    keep = 1.0 - dropout
     dtype = layers[0]["fwd"]["W_hh"].dtype  # xs may be token ids
-    return [
-        jax.random.bernoulli(k, keep, (*xs.shape[:2], features)).astype(dtype) / keep
-        for k, features in zip(keys, [_features(layer) for layer in layers[:-1]], strict=True)
-    ]
+
+    def mask(k, p, features):
+        if p == 0:  # output dropout alone: the layers in between keep every unit
+            return jnp.ones((*xs.shape[:2], features), dtype)
+        return jax.random.bernoulli(k, 1.0 - p, (*xs.shape[:2], features)).astype(dtype) / (1 - p)
+
+    keys = jax.random.split(key, len(layers) - 1) if len(layers) > 1 else []
+    masks = [mask(k, dropout, _features(layer)) for k, layer in zip(keys, layers[:-1], strict=True)]
+    if output_dropout > 0:
+        top = jax.random.fold_in(key, len(layers))
+        masks.append(mask(top, output_dropout, _features(layers[-1])))
+    return masks
 
 
 def _features(layer: dict) -> int:
@@ -323,16 +334,9 @@ def stack_forward(
         for name, reverse in _directions(layer):
             restarts = _restarts(resets, reverse, h0 if h_reset is None else h_reset, i, name)
             stacked, final[name], runs[name] = run(
-                cell,
-                options,
-                layer[name],
-                inputs,
-                h0[i][name],
-                lengths,
-                reverse,
-                all_states,
+                cell, options, layer[name], inputs, h0[i][name], lengths, reverse, all_states,
                 *restarts,
-            )
+            )  # fmt: skip
             states[name] = stacked
             outs.append(cell.hidden(stacked) if all_states else stacked)
         out = jnp.concatenate(outs, axis=-1)
@@ -340,7 +344,7 @@ def stack_forward(
             out = out + masked(mask, inputs)
         tapes.append(LayerTape(inputs, runs, states if all_states else None))
         finals.append(final)
-        if drops is not None and i < len(layers) - 1:
+        if drops is not None and i < len(drops):  # the top layer's too with output dropout
             out = out * drops[i]
         inputs = out
     return inputs, finals, tapes
@@ -357,6 +361,8 @@ def stack_backward(
     mask = length_mask(lengths, d_outputs.shape[0])
     d_layers, d_h0 = [None] * len(layers), [None] * len(layers)
     d_out = d_outputs
+    if drops is not None and len(drops) == len(layers):  # output dropout on the top layer
+        d_out = d_out * drops[-1]
     for i in reversed(range(len(layers))):
         layer, tape = layers[i], tapes[i]
         d_inputs = masked(mask, d_out) if has_residual(residual, i) else 0.0
@@ -465,6 +471,7 @@ def to_time_major(values, time_major: bool, batched_ndim: int):
 def prepare(
     params, xs, *, cell, lengths, h0, dropout, key, residual, options, time_major=True,
     resets=None,
+    output_dropout=0.0,
 ) -> Prepared:  # fmt: skip
     """Validate a model call once and resolve its options (outside any jit); batch-major ``xs``
     and ``resets`` (``time_major=False``) are brought to the time-major layout here."""
@@ -473,12 +480,15 @@ def prepare(
         xs = to_time_major(xs, time_major, 2 if is_token_ids(xs) else 3)
         resets = to_time_major(resets, time_major, 2)
     shape, batch = check_inputs(params, xs, cell=cell, lengths=lengths, h0=h0, resets=resets)
-    check_stack_options(shape, dropout, key, residual, token_ids=is_token_ids(batch.xs))
+    check_stack_options(
+        shape, dropout, key, residual, token_ids=is_token_ids(batch.xs),
+        output_dropout=output_dropout,
+    )  # fmt: skip
     options = resolve_options(
         check_options(options), cell, batch.xs.shape, shape.hidden_size, shape.dtype,
         resets=batch.resets is not None,
     )  # fmt: skip
-    drops = dropout_masks(key, dropout, params["layers"], batch.xs)
+    drops = dropout_masks(key, dropout, params["layers"], batch.xs, output_dropout)
     return Prepared(cell, shape, batch, drops, options)
 
 

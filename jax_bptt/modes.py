@@ -232,6 +232,7 @@ def bptt(
     options=None,
     time_major: bool = True,
     resets=None,
+    output_dropout: float = 0.0,
 ) -> Gradients:
     """Loss and gradients of the model by BPTT.
 
@@ -252,6 +253,8 @@ def bptt(
         (the returned ``xs`` gradient is batch-major too).
       resets: bool ``(T, B)`` segment starts, as for ``jax_bptt.unroll``; the ``h0`` gradient
         then sums every restart's.
+      output_dropout: probability of zeroing a unit of the top layer's outputs before the
+        readout (training, any depth); needs ``key``.
 
     Returns:
       ``Gradients(loss, params, h0, xs)``.
@@ -269,6 +272,7 @@ def bptt(
     run = prepare(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major, resets=resets,
+        output_dropout=output_dropout,
     )  # fmt: skip
     targets = _time_major_targets(targets, loss, time_major)
     num_steps, batch_size = run.batch.xs.shape[:2]
@@ -297,50 +301,54 @@ def _time_major_targets(targets, loss: Loss, time_major: bool):
 def bptt_auto(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
     residual=False, options=None, time_major=True, resets=None,
+    output_dropout=0.0,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="auto")``: ``jax.value_and_grad`` through the scans (the reference)."""
     return bptt(
         params, xs, targets, cell=cell, mode="auto", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
-        resets=resets,
+        resets=resets, output_dropout=output_dropout,
     )  # fmt: skip
 
 
 def bptt_manual(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
     residual=False, options=None, time_major=True, resets=None,
+    output_dropout=0.0,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="manual")``: hand-written BPTT, layer by layer from the top."""
     return bptt(
         params, xs, targets, cell=cell, mode="manual", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
-        resets=resets,
+        resets=resets, output_dropout=output_dropout,
     )  # fmt: skip
 
 
 def bptt_fast(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
     residual=False, options=None, time_major=True, resets=None,
+    output_dropout=0.0,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="fast")``: ``jax.grad`` whose recurrences run the hand-written reverse
     scan (``fast_scan``); ``options`` picks the unroll, backend and backward chunk length."""
     return bptt(
         params, xs, targets, cell=cell, mode="fast", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
-        resets=resets,
+        resets=resets, output_dropout=output_dropout,
     )  # fmt: skip
 
 
 def bptt_checkpointed(
     params, xs, targets, *, cell, loss="mse", lengths=None, h0=None, dropout=0.0, key=None,
     residual=False, options=None, time_major=True, resets=None,
+    output_dropout=0.0,
 ) -> Gradients:  # fmt: skip
     """``bptt(..., mode="checkpointed")``: memory ``O(sqrt T)`` for one extra forward; the
     segment length is ``options.segment_length`` (default ``ceil(sqrt(T))``)."""
     return bptt(
         params, xs, targets, cell=cell, mode="checkpointed", loss=loss, lengths=lengths, h0=h0,
         dropout=dropout, key=key, residual=residual, options=options, time_major=time_major,
-        resets=resets,
+        resets=resets, output_dropout=output_dropout,
     )  # fmt: skip
 
 

@@ -130,12 +130,15 @@ def keep_if_finite(finite: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def _gradient_fn(*, cell, loss, mode, options, truncation, dropout, residual, time_major):
+def _gradient_fn(
+    *, cell, loss, mode, options, truncation, dropout, residual, time_major, output_dropout
+):
     """``(params, xs, targets, h0, lengths, key, resets) -> (loss, grads, carry)`` for one
     step."""
     model = dict(
-        cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual, time_major=time_major
-    )
+        cell=cell, loss=loss, mode=mode, dropout=dropout, residual=residual,
+        time_major=time_major, output_dropout=output_dropout,
+    )  # fmt: skip
     if truncation is None:
 
         def full_sequence(params, xs, targets, h0, lengths, key, resets):
@@ -170,6 +173,7 @@ def make_train_step(
     dropout: float = 0.0,
     residual=False,
     time_major: bool = True,
+    output_dropout: float = 0.0,
 ):
     """Build a jitted ``train_step(params, opt_state, xs, targets, h0=None, lengths=None,
     key=None, resets=None)``: a batch may mark segment starts with ``resets`` (bool ``(T, B)``,
@@ -187,6 +191,8 @@ def make_train_step(
         window's ``resets`` restart from zeros (not from the carry).
       dropout: between layers; its masks come from ``train_step``'s ``key``, which it then needs.
       time_major: False for batch-major ``xs (B, T, ...)`` and per-step targets.
+      output_dropout: on the top layer's outputs before the readout (any depth: it regularizes
+        a one-layer model too); needs a ``key`` like ``dropout``.
 
     Returns:
       ``train_step -> (params, opt_state, StepInfo)``; ``train_step.needs_key`` says whether it
@@ -203,8 +209,9 @@ def make_train_step(
     check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
     options = check_options(options)
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    for name, value in (("dropout", dropout), ("output_dropout", output_dropout)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     if truncation is not None:
@@ -213,16 +220,17 @@ def make_train_step(
             raise ValueError(f"truncated BPTT needs placement='per_step', got {loss.placement!r}")
     gradients = _gradient_fn(
         cell=cell, loss=loss, mode=mode, options=options, truncation=truncation,
-        dropout=dropout, residual=residual, time_major=time_major,
+        dropout=dropout, residual=residual, time_major=time_major, output_dropout=output_dropout,
     )  # fmt: skip
-    needs_key = dropout > 0
+    needs_key = dropout > 0 or output_dropout > 0
 
     @jax.jit
     def train_step(params, opt_state, xs, targets, h0=None, lengths=None, key=None, resets=None):
         if needs_key and key is None:
             raise ValueError(
-                f"dropout={dropout} needs a PRNG key per step for its masks: pass "
-                "train_step(..., key=jax.random.key(...)) (fit derives one from the step's key)"
+                f"dropout={dropout} (output_dropout={output_dropout}) needs a PRNG key per step "
+                "for its masks: pass train_step(..., key=jax.random.key(...)) (fit derives one "
+                "from the step's key)"
             )
         value, grads, carry = gradients(params, xs, targets, h0, lengths, key, resets)
         finite = jnp.isfinite(value) & _all_finite(grads)

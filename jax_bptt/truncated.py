@@ -204,6 +204,7 @@ def window_grads(
     time_major: bool = True,
     resets=None,
     h_reset=None,
+    output_dropout: float = 0.0,
 ) -> WindowResult:
     """Loss and gradients of one truncated-BPTT window (the unit of one training step).
 
@@ -215,8 +216,8 @@ def window_grads(
         ``(W, B, O)`` for mse); only the last ``k1`` steps count.
       h0: the states entering the window (stop-gradient is applied), default zeros.
       mode: a name in ``jax_bptt.BPTT_MODES``.
-      loss, dropout, key, residual, options, time_major: as for ``jax_bptt.bptt`` (per-step
-        placement only).
+      loss, dropout, key, residual, options, time_major, output_dropout: as for
+        ``jax_bptt.bptt`` (per-step placement only).
       resets: bool ``(W, B)`` segment starts in the window (``(B, W)`` batch-major); a set
         ``resets[0]`` drops ``h0`` too.
       h_reset: the states a restart returns to (like ``h0``, stop-gradient), default zeros
@@ -231,6 +232,7 @@ def window_grads(
     run = prepare(
         params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major, resets=resets,
+        output_dropout=output_dropout,
     )  # fmt: skip
     if run.batch.resets is not None:  # the restart state: validated like h0, zeros by default
         h_reset = check_state(h_reset, run.cell, run.shape, run.batch.xs.shape[1], True)

@@ -328,12 +328,26 @@ def _check_class_ids(ids: np.ndarray, placement: str, output_size: int, lengths)
         )
 
 
-def check_stack_options(shape: ModelShape, dropout, key, residual, token_ids=False) -> None:
-    """Dropout (between layers, needs a key) and residual connections (sizes must match)."""
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1) (the probability of zeroing), got {dropout}")
+def check_dropout(name: str, value) -> None:
+    """A dropout probability: a real number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the probability of zeroing), got {value}")
+
+
+def check_stack_options(
+    shape: ModelShape, dropout, key, residual, token_ids=False, output_dropout=0.0
+) -> None:
+    """Dropout (between layers, and on the top layer's outputs; needs a key) and residual
+    connections (sizes must match)."""
+    check_dropout("dropout", dropout)
+    check_dropout("output_dropout", output_dropout)
+    if output_dropout > 0 and key is None:
+        raise ValueError(
+            f"output_dropout={output_dropout} needs a PRNG key for its mask: pass "
+            "key=jax.random.key(...) (or output_dropout=0.0 to evaluate)"
+        )
     if dropout > 0 and shape.num_layers == 1:
         raise ValueError(
             f"dropout={dropout} acts between stacked layers, so it needs num_layers >= 2, got a "

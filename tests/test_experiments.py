@@ -237,7 +237,8 @@ def test_combinations_the_library_now_supports():
     """Truncated BPTT of a stacked model with k1 != k2, and every mode bidirectional: errors of
     the old scripts, valid settings now."""
     config, _ = char_lm.parse_args(["--layers", "2", "--k2", "128"])
-    assert (config.layers, config.k1, config.k2) == (2, 64, 128)
+    assert (config.layers, config.k1, config.k2) == (2, char_lm.Config().k1, 128)
+    assert config.output_dropout == char_lm.Config().output_dropout == 0.4  # the default's
     config, _ = copy_memory.parse_args(["--bidirectional", "--bptt", "checkpointed"])
     assert config.bidirectional and config.bptt == "checkpointed"
 
@@ -248,7 +249,8 @@ RANGE_ERRORS = {
         ["--lr", "inf"], ["--hidden", "0"], ["--batch", "0"], ["--k1", "0"], ["--k2", "-3"],
         ["--temperature", "-0.5"], ["--max-minutes", "-1"], ["--checkpoint-minutes", "nan"],
         ["--clip-norm", "-1"], ["--clip-value", "-1"], ["--eval-every", "-1"], ["--seed", "-1"],
-        ["--dropout", "1"], ["--dropout", "-0.1"], ["--layers", "0"], ["--unroll", "0"],
+        ["--dropout", "1"], ["--dropout", "-0.1"], ["--output-dropout", "1"],
+        ["--output-dropout", "-0.1"], ["--layers", "0"], ["--unroll", "0"],
         ["--devices", "0"], ["--batch", "100000"], ["--text", "{missing}"], ["--text", "{empty}"],
         ["--text", "{binary}"], ["--text", "{nul}"], ["--text", "{tmp}"], ["--text", "{short}"],
     ],

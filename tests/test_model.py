@@ -192,9 +192,10 @@ def _assert_recurrences_are_custom_vjps(case, mode):
     assert "scan" not in primitives, primitives
 
 
-def _core_reference(params, xs, targets, *, h0, lengths, loss) -> Gradients:
+def _core_reference(params, xs, targets, *, h0, lengths, loss, mask=1.0) -> Gradients:
     """The one-layer model written out by hand: a Python loop of ``cells.step``, the readout at
-    every step, and ``sequence_loss`` placing the terms itself (last step: ``t = length - 1``)."""
+    every step (of the outputs times ``mask``: output dropout), and ``sequence_loss`` placing the
+    terms itself (last step: ``t = length - 1``)."""
     cell = get_cell("lstm")
     valid = jnp.arange(T)[:, None] < lengths[None, :]
 
@@ -206,7 +207,7 @@ def _core_reference(params, xs, targets, *, h0, lengths, loss) -> Gradients:
                 lambda a, b, t=t: jnp.where(valid[t][:, None], a, b), new, state
             )
             hs.append(jnp.where(valid[t][:, None], cell.hidden(state), 0))
-        ys = readout(params["readout"], jnp.stack(hs))
+        ys = readout(params["readout"], jnp.stack(hs) * mask)
         return sequence_loss(ys, targets, loss, lengths)
 
     grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))
@@ -226,6 +227,47 @@ def test_one_layer_is_the_core_model(placement):
     reference = _core_reference(params, xs, targets, h0=h0, lengths=lengths, loss=loss)
     report = compare_gradients(got, reference, names=("manual", "by hand"))
     assert report.ok, report.table()
+
+
+@pytest.mark.parametrize("placement", ["per_step", "last_step"])
+def test_output_dropout_is_a_mask_before_the_readout(placement):
+    """Output dropout on a one-layer model: every mode is the model by hand with the outputs times
+    the mask; the mask is inverted dropout (0 or 1 / (1 - p)) drawn from the key."""
+    params = init_model(jax.random.key(8), "lstm", 3, H, OUT, dtype=jnp.float64)
+    xs, targets = data(9, 3, "cross_entropy", placement)
+    lengths, loss = jnp.asarray(LENGTHS), Loss("cross_entropy", placement)
+    h0, key = random_h0("lstm", params, 10), jax.random.key(11)
+    (mask,) = dropout_masks(key, 0.0, params["layers"], xs, output_dropout=0.4)
+    assert set(np.unique(np.asarray(mask)).tolist()) == {0.0, 1 / 0.6}
+    reference = _core_reference(params, xs, targets, h0=h0, lengths=lengths, loss=loss, mask=mask)
+    kw = dict(cell="lstm", loss=loss, lengths=lengths, h0=h0, key=key, output_dropout=0.4)
+    for mode in BPTT_MODES:
+        got = bptt(params, xs, targets, mode=mode, **kw)
+        report = compare_gradients(got, reference, tolerance=GRAD_TOL, names=(mode, "by hand"))
+        assert report.ok, report.table()
+    # without output dropout the model is another one (the mask really is applied)
+    plain = bptt(params, xs, targets, mode="manual", **{**kw, "output_dropout": 0.0, "key": None})
+    assert abs(float(plain.loss) - float(reference.loss)) > 1e-3
+
+
+def test_output_dropout_on_a_stack_keeps_the_masks_between_layers():
+    """2 layers, dropout between and on the top: every mode meets auto, and the masks between
+    layers are those of ``dropout`` alone (the top's key is folded in apart)."""
+    case = CASES[3]  # elman_relu, 2 layers, lengths, dropout 0.3, residual, per-step CE
+    params, xs, targets, kwargs = case_inputs(case)
+    between = dropout_masks(kwargs["key"], 0.3, params["layers"], xs)
+    both = dropout_masks(kwargs["key"], 0.3, params["layers"], xs, output_dropout=0.5)
+    assert len(between) == 1 and len(both) == 2
+    np.testing.assert_array_equal(both[0], between[0])
+    assert set(np.unique(np.asarray(both[1])).tolist()) == {0.0, 2.0}
+    kwargs = {**kwargs, "output_dropout": 0.5}
+    auto = bptt(params, xs, targets, mode="auto", **kwargs)
+    for mode in ("manual", "fast", "checkpointed"):
+        got = bptt(params, xs, targets, mode=mode, **kwargs)
+        report = compare_gradients(got, auto, tolerance=GRAD_TOL, names=(mode, "auto"))
+        assert report.ok, report.table()
+    without = bptt(params, xs, targets, mode="auto", **{**kwargs, "output_dropout": 0.0})
+    assert abs(float(auto.loss) - float(without.loss)) > 1e-3  # the top mask is applied
 
 
 @pytest.mark.parametrize("mode", BPTT_MODES)
@@ -332,20 +374,34 @@ def test_init_rejects_forget_bias_for_gru():
         (dict(dropout=-0.1, key=jax.random.key(0)), ValueError, r"dropout must be in \[0, 1\)"),
         (dict(dropout="0.5"), TypeError, "dropout must be a float"),
         (dict(dropout=0.2), ValueError, "dropout=0.2 needs a PRNG key"),
+        (dict(output_dropout=1.0, key=jax.random.key(0)), ValueError, r"output_dropout must be in"),
+        (dict(output_dropout=0.2), ValueError, "output_dropout=0.2 needs a PRNG key"),
         (dict(residual=True), ValueError, "residual=True adds layer 0's input.*3 features to 8"),
         (dict(residual="all"), ValueError, "residual must be one of"),
         (dict(h0=[None]), TypeError, "h0 must be a list with one"),
         (dict(h0=[{"fwd": None}, {"fwd": None}]), TypeError, r"h0\[0\] must be a dict"),
         (dict(lengths=np.array([1, 2])), ValueError, "lengths must have shape"),
     ],
-    ids=["p=1", "p<0", "p-str", "no-key", "res-size", "res-choice", "h0-len", "h0-dirs", "len"],
+    ids=[
+        "p=1",
+        "p<0",
+        "p-str",
+        "no-key",
+        "out-p=1",
+        "out-no-key",
+        "res-size",
+        "res-choice",
+        "h0-len",
+        "h0-dirs",
+        "len",
+    ],
 )
 def test_bad_arguments_are_named(small, kwargs, error, match):
     params, xs, targets = small
     for mode in BPTT_MODES:
         with pytest.raises(error, match=match):
             bptt(params, xs, targets, cell="lstm", mode=mode, **kwargs)
-    for mode in UNROLL_MODES:
+    for mode in UNROLL_MODES if "output_dropout" not in kwargs else ():  # a bptt argument
         with pytest.raises(error, match=match):
             unroll(params, xs, cell="lstm", mode=mode, **kwargs)
 

@@ -358,7 +358,7 @@ def test_gradients_inside_user_jit():
 
 MODE_PARAMETERS = [
     "cell", "loss", "lengths", "h0", "dropout", "key", "residual", "options", "time_major",
-    "resets",
+    "resets", "output_dropout",
 ]  # fmt: skip
 
 
@@ -371,6 +371,7 @@ def test_mode_functions_show_their_real_parameters(name):
     assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in MODE_PARAMETERS)
     assert params["cell"].default is inspect.Parameter.empty
     assert params["loss"].default == "mse" and params["dropout"].default == 0.0
+    assert params["output_dropout"].default == 0.0
     assert params["residual"].default is False
     assert all(params[p].default is None for p in ("lengths", "h0", "key", "options", "resets"))
     assert params["time_major"].default is True

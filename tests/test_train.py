@@ -211,6 +211,40 @@ def test_dropout_on_a_single_layer_is_rejected():
         train_step(params, optax.sgd(0.1).init(params), xs, targets, key=_rbg_key(0))
 
 
+def test_output_dropout_trains_a_single_layer_alike_in_every_mode():
+    """Output dropout on a one-layer LSTM through BPTT(2, 4) windows (the k1 < k2 path slices the
+    mask): every mode gives auto's losses and params; it needs a key, and the key decides."""
+    params = init_model(jax.random.key(5), "lstm", 5, 6, 5, dtype=jnp.float64)
+    ids = jax.random.randint(jax.random.key(6), (4, 3), 0, 5)
+    targets = jax.random.randint(jax.random.key(7), (4, 3), 0, 5)
+    optimizer = optax.sgd(0.5)
+    h0 = init_state(params, 3, cell="lstm")
+    runs = {}
+    for mode in BPTT_MODES:
+        train_step = make_train_step(
+            optimizer, cell="lstm", loss="cross_entropy", mode=mode, truncation=(2, 4),
+            output_dropout=0.5,
+        )  # fmt: skip
+        assert train_step.needs_key
+        p, state, losses = params, optimizer.init(params), []
+        for seed in range(2):
+            p, state, info = train_step(p, state, ids, targets, h0=h0, key=_rbg_key(seed))
+            losses.append(float(info.loss))
+        runs[mode] = (p, losses, train_step)
+    p_auto, loss_auto, step_auto = runs["auto"]
+    for mode in BPTT_MODES[1:]:
+        np.testing.assert_allclose(runs[mode][1], loss_auto, rtol=TOL, atol=0)
+        _assert_close(runs[mode][0], p_auto)
+    state = optimizer.init(params)
+    one, _, _ = step_auto(params, state, ids, targets, h0=h0, key=_rbg_key(0))
+    other, _, _ = step_auto(params, state, ids, targets, h0=h0, key=_rbg_key(1))
+    assert not _leaves_equal(one, other)
+    with pytest.raises(ValueError, match=r"output_dropout=0.5\) needs a PRNG key per step"):
+        step_auto(params, state, ids, targets, h0=h0)
+    with pytest.raises(ValueError, match="output_dropout must be a float in"):
+        make_train_step(optimizer, cell="lstm", output_dropout=1.0)
+
+
 def test_truncated_train_step_rejects_a_bidirectional_model():
     """The model's directions come from the params, so the rejection comes at the call."""
     params = _zero_model("gru", D, H, OUT, bidirectional=True, dtype=jnp.float64)
