@@ -207,24 +207,18 @@ def run_scan(
 
 def run_fast(
     cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
-    restart=None, h_reset=None,
+    restart=None, h_reset=None, *, scan=fast_scan,
 ):  # fmt: skip
-    """``fast_scan``: its VJP is the hand-written reverse scan (no tape outside it)."""
-    hs, final = fast_scan(
+    """``fast_scan``: its VJP is the hand-written reverse scan (no tape outside it); with
+    ``scan=checkpointed_scan`` (``run_checkpointed``) only segment boundaries are kept and each
+    segment is recomputed in the backward."""
+    hs, final = scan(
         cell, options, reverse, all_states, params, inputs, h0, lengths, restart, h_reset
     )
     return hs, final, None
 
 
-def run_checkpointed(
-    cell: Cell, options: ScanOptions, params, inputs, h0, lengths, reverse, all_states=False,
-    restart=None, h_reset=None,
-):  # fmt: skip
-    """``checkpointed_scan``: boundary states only; segments recomputed in the backward."""
-    hs, final = checkpointed_scan(
-        cell, options, reverse, all_states, params, inputs, h0, lengths, restart, h_reset
-    )
-    return hs, final, None
+run_checkpointed = functools.partial(run_fast, scan=checkpointed_scan)
 
 
 def run_parallel(

@@ -316,7 +316,8 @@ def truncated_bptt(
         result = window_grads(
             params, xs[start:end], targets[start:end], cell=cell, k1=k1, k2=k2, loss=loss,
             h0=carry, mode=mode, residual=residual, options=options,
-            resets=None if resets is None else resets[start:end], h_reset=h0,
+            resets=None if resets is None else resets[start:end],
+            h_reset=None if resets is None else h0,
         )  # fmt: skip
         carry = result.carry
         total_loss = total_loss + result.loss

@@ -1,9 +1,25 @@
 """Gradient tests run in float64: exact methods must agree to ~1e-10 relative, not 1e-3."""
 
-import jax
-import pytest
+import os
+import tempfile
+
+# One compilation cache for the test run's processes (both xdist workers and the experiments
+# they start), set before jax is imported so subprocesses inherit it: many tests compile the same
+# programs. It only saves time; the key covers the program, the jax version and the flags, so a
+# hit is the same executable.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jax_bptt_test_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="module")
