@@ -97,7 +97,7 @@ class Config:
     k1: int = 32  # steps per training window (the chunk that carries the loss)
     k2: int | None = None  # steps to backpropagate; default k1
     data: str = "stream"  # "stream" (truncated BPTT, state carried) or "windows"
-    steps: int = 7000  # TODO-QUIET s on the project's 2-core CPU (README)
+    steps: int = 7000  # 249 s on the project's quiet 2-core CPU (README)
     max_minutes: float | None = 6.0  # the budget: stop early (then --resume) on a slower machine
     checkpoint_minutes: float | None = 1.0  # and checkpoint this often
     optimizer: str = "adam"
