@@ -50,14 +50,13 @@ layer below.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jax_bptt.backends import ScanOptions, check_options, resolve_options
-from jax_bptt.cells import Cell, get_cell, is_token_ids, project_inputs
+from jax_bptt.cells import Cell, get_cell, is_token_ids, project_inputs, uniform_init
 from jax_bptt.deer import deer_unroll
 from jax_bptt.fast import checkpointed_scan, fast_scan
 from jax_bptt.losses import Loss, sequence_loss
@@ -86,8 +85,7 @@ from jax_bptt.validation import (
 
 @functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
 def _init(key, cell, input_size, hidden_size, output_size, num_layers, directions, dtype, *init):
-    k_layers, k_w, k_b = jax.random.split(key, 3)
-    layer_keys = jax.random.split(k_layers, num_layers * directions)
+    *layer_keys, k_readout = jax.random.split(key, num_layers * directions + 1)
     layers, layer_input = [], input_size
     for layer in range(num_layers):
         names = [name for name, _ in DIRECTIONS][:directions]
@@ -99,11 +97,8 @@ def _init(key, cell, input_size, hidden_size, output_size, num_layers, direction
             }
         )
         layer_input = directions * hidden_size
-    bound = 1.0 / math.sqrt(layer_input)
-    readout = {
-        "W_hy": jax.random.uniform(k_w, (layer_input, output_size), dtype, -bound, bound),
-        "b_y": jax.random.uniform(k_b, (output_size,), dtype, -bound, bound),
-    }
+    shapes = {"W_hy": (layer_input, output_size), "b_y": (output_size,)}
+    readout = uniform_init(k_readout, shapes, layer_input, dtype)  # fan-in dirs*H
     return {"layers": layers, "readout": readout}
 
 

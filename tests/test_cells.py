@@ -235,9 +235,11 @@ def test_initialisers():
 
 def test_init_helpers():
     key = jax.random.key(3)
-    u = cells.uniform_init(key, (200, 50), 16, F64)
-    assert u.shape == (200, 50) and u.dtype == F64
-    assert float(np.abs(u).max()) <= 0.25 and float(np.abs(u).max()) > 0.24  # fills the range
+    drawn = cells.uniform_init(key, {"w": (200, 50), "b": (50,)}, 16, F64)
+    assert list(drawn) == ["w", "b"] and drawn["w"].shape == (200, 50) and drawn["b"].shape == (50,)
+    for u in drawn.values():
+        assert u.dtype == F64
+        assert float(np.abs(u).max()) <= 0.25 and float(np.abs(u).max()) > 0.23  # fills the range
     ortho = cells.orthogonal_blocks(key, 6, 4, F64)
     assert ortho.shape == (6, 24)
     for block in np.split(np.asarray(ortho), 4, axis=1):
