@@ -114,7 +114,8 @@ def test_unroll_options_agree():
     # Unbatched input == batch of one.
     hs_single, final_single = jb.unroll(params, xs[:, 0], cell="gru")
     assert hs_single.shape == (10, 6) and final_single[0]["fwd"].shape == (6,)
-    np.testing.assert_allclose(hs_single, hs1[:, 0], rtol=1e-14)
+    hs_batch_of_one, _ = jb.unroll(params, xs[:, :1], cell="gru")
+    np.testing.assert_allclose(hs_single, hs_batch_of_one[:, 0], rtol=1e-14)
     # lengths == T everywhere == no lengths.
     hs_l, _ = jb.unroll(params, xs, cell="gru", lengths=jnp.array([10, 10]))
     np.testing.assert_allclose(hs_l, hs1, rtol=1e-14)
