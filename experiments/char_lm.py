@@ -55,6 +55,7 @@ from common import (
     NON_NEGATIVE,
     NON_NEGATIVE_FLOAT,
     POSITIVE,
+    POSITIVE_FLOAT,
     Parser,
     add_common_args,
     add_model_args,
@@ -108,6 +109,7 @@ class Config:
     warmup: int = 100  # steps of linear warm-up (cosine schedule)
     clip_norm: float | None = 1.0
     clip_value: float | None = None
+    weight_decay: float | None = None  # adamw's decoupled weight decay
     forget_bias: float | None = 1.0
     bptt: str = "fast"  # the hand-written backward: the fastest step (bench_char_lm.py)
     val_fraction: float = 0.1
@@ -124,6 +126,7 @@ class Config:
     bidirectional: bool = False  # always: a causal language model cannot read the future
     dropout: float = 0.0  # between layers
     output_dropout: float = 0.4  # on the top layer's outputs, before the readout (README)
+    weight_dropout: float = 0.0  # DropConnect on W_hh (AWD-LSTM's weight drop)
     residual: bool | str = False  # or "except_first": layers 1.. add their input
     devices: int | None = None  # data-parallel devices (None: one device, no mesh)
     unroll: int | None = None  # lax.scan unroll (None: the platform's default)
@@ -181,11 +184,19 @@ def make_parser() -> Parser:
         help="dropout on the top layer's outputs, before the readout (0: none)",
     )  # fmt: skip
     parser.add_argument(
+        "--weight-dropout", type=float_in(0.0, 1.0), default=defaults.weight_dropout,
+        help="DropConnect on the recurrent weights W_hh, one mask per step (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--schedule", choices=("cosine", "constant"), default=defaults.schedule,
         help="learning rate: warm-up then cosine decay over --steps, or constant --lr",
     )  # fmt: skip
     parser.add_argument("--warmup", type=NON_NEGATIVE, default=defaults.warmup)
     parser.add_argument("--clip-value", type=NON_NEGATIVE_FLOAT, default=0.0, help="0: none")
+    parser.add_argument(
+        "--weight-decay", type=POSITIVE_FLOAT, default=defaults.weight_decay,
+        help="decoupled weight decay (with --optimizer adamw)",
+    )  # fmt: skip
     parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=defaults.temperature)
     parser.add_argument("--eval-every", type=NON_NEGATIVE, default=None, help="0: at the end")
     parser.add_argument(
@@ -224,13 +235,16 @@ def parse_args(argv=None) -> tuple[Config | None, object]:
     config = config_from_args(
         defaults, args, quick=QUICK, flags=("hidden", "batch", "k1", "k2", "steps", "eval_every"),
         cell=args.cell, data=args.data, clip_value=args.clip_value or None,
-        schedule=args.schedule, warmup=args.warmup, output_dropout=args.output_dropout,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+        output_dropout=args.output_dropout, weight_dropout=args.weight_dropout,
         temperature=args.temperature, max_minutes=args.max_minutes or None,
         checkpoint_minutes=args.checkpoint_minutes or None, text=args.text,
         forget_bias=defaults.forget_bias if args.cell == "lstm" else None,
     )  # fmt: skip
     if config.k2 is None:
         config = dataclasses.replace(config, k2=config.k1)
+    if config.weight_decay is not None and config.optimizer != "adamw":
+        parser.error(f"--weight-decay needs --optimizer adamw, got {config.optimizer}")
     if args.bidirectional:
         parser.error(
             "--bidirectional does not apply here: a causal language model predicts the next "
@@ -290,7 +304,7 @@ def check_same_config(parser: Parser, run_dir: Path, config: Config) -> None:
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)["config"]
     # a run from before a setting existed ran with the setting's old default
-    saved = {**MODEL_DEFAULTS, "output_dropout": 0.0, **saved}
+    saved = {**MODEL_DEFAULTS, "output_dropout": 0.0, "weight_dropout": 0.0, **saved}
     changed = {
         name: (saved.get(name), value)
         for name, value in dataclasses.asdict(config).items()
@@ -416,8 +430,9 @@ def make_optimizer(config: Config):
             0.0, config.lr, warmup, max(config.steps, warmup + 1), end_value=config.lr / 20
         )
     return jb.make_optimizer(
-        config.optimizer, lr, clip_norm=config.clip_norm, clip_value=config.clip_value
-    )
+        config.optimizer, lr, clip_norm=config.clip_norm, clip_value=config.clip_value,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
 
 
 def sample_run(args) -> dict:
@@ -476,6 +491,7 @@ def main(argv=None) -> dict:
         optimizer, cell=config.cell, loss=LOSS, mode=config.bptt, options=scan_options(options),
         truncation=truncation, dropout=config.dropout, residual=config.residual,
         output_dropout=config.output_dropout,
+        weight_dropout=config.weight_dropout,
     )  # fmt: skip
     train_step = place_step(train_step, options, loss=LOSS)
     batch_fn, init_carry = make_batch_fn(config, train_ids, zero_state)

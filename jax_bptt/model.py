@@ -262,8 +262,9 @@ def _directions(layer: dict):
 
 
 def dropout_masks(key, dropout: float, layers, xs, output_dropout: float = 0.0) -> list | None:
-    """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last, then,
-    when ``output_dropout > 0``, one more for the top layer's outputs (what the readout reads).
+    """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last (None
+    for each when ``dropout == 0``), then, when ``output_dropout > 0``, one more for the top
+    layer's outputs (what the readout reads).
 
     Entries are 0 or ``1 / (1 - p)``; one key per layer between layers, split from ``key``, and
     ``fold_in(key, num_layers)`` for the top (so adding it leaves the other masks as they were).
@@ -276,7 +277,7 @@ def dropout_masks(key, dropout: float, layers, xs, output_dropout: float = 0.0) 
 
     def mask(k, p, features):
         if p == 0:  # output dropout alone: the layers in between keep every unit
-            return jnp.ones((*xs.shape[:2], features), dtype)
+            return None
         return jax.random.bernoulli(k, 1.0 - p, (*xs.shape[:2], features)).astype(dtype) / (1 - p)
 
     keys = jax.random.split(key, len(layers) - 1) if len(layers) > 1 else []
@@ -333,7 +334,7 @@ def stack_forward(
             out = out + masked(mask, inputs)
         tapes.append(LayerTape(inputs, runs, states if all_states else None))
         finals.append(final)
-        if drops is not None and i < len(drops):  # the top layer's too with output dropout
+        if drops is not None and i < len(drops) and drops[i] is not None:  # top: output dropout
             out = out * drops[i]
         inputs = out
     return inputs, finals, tapes
@@ -374,7 +375,9 @@ def stack_backward(
             )  # fmt: skip
             d_inputs = None if d_x is None else d_inputs + d_x  # token ids have no gradient
             offset += size
-        d_out = d_inputs if drops is None or i == 0 else d_inputs * drops[i - 1]
+        d_out = (
+            d_inputs if drops is None or i == 0 or drops[i - 1] is None else d_inputs * drops[i - 1]
+        )
     return d_layers, d_h0, d_out
 
 

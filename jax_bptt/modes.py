@@ -160,7 +160,7 @@ def _segmented_loss(
     inputs = (
         split(xs),
         split(targets) if per_step else None,
-        None if drops is None else [split(d) for d in drops],
+        jax.tree.map(split, drops),
         jnp.arange(num_segments) * segment_length,
         None if resets is None else split(resets),
     )

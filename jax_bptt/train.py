@@ -55,6 +55,8 @@ METRICS = "metrics.jsonl"
 # fit's dropout key for step s is fold_in(fold_in(key, s), DROPOUT_KEY_TAG): a stream apart from
 # the batch's data key fold_in(key, s), which batch_fn may use as it likes.
 DROPOUT_KEY_TAG = 0x64726F70  # "drop"
+# weight dropout's masks come from fold_in(key, WEIGHT_DROPOUT_TAG): apart from the layers' masks
+WEIGHT_DROPOUT_TAG = 0x77647270  # "wdrp"
 
 # name -> factory(learning_rate); "momentum" is SGD with Nesterov-free momentum 0.9.
 OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
@@ -84,6 +86,7 @@ def make_optimizer(
     *,
     clip_norm: float | None = None,
     clip_value: float | None = None,
+    weight_decay: float | None = None,
 ) -> optax.GradientTransformation:
     """An optax optimizer from ``OPTIMIZERS`` with optional gradient clipping in front.
 
@@ -94,6 +97,8 @@ def make_optimizer(
         classic char-rnn).
       clip_norm: rescale the whole gradient to global norm at most ``clip_norm``
         (``optax.clip_by_global_norm``, Pascanu et al. 2013). Applied after ``clip_value``.
+      weight_decay: ``"adamw"`` only, its decoupled decay rate (Loshchilov & Hutter 2019; optax's
+        default 1e-4 when None).
 
     Example:
       >>> opt = make_optimizer("adam", 1e-2, clip_norm=1.0)
@@ -103,12 +108,16 @@ def make_optimizer(
         _check_positive_float("learning_rate", learning_rate)
     _check_positive_float("clip_norm", clip_norm, allow_none=True)
     _check_positive_float("clip_value", clip_value, allow_none=True)
+    _check_positive_float("weight_decay", weight_decay, allow_none=True)
+    if weight_decay is not None and name != "adamw":
+        raise ValueError(f"weight_decay applies to optimizer 'adamw' only, got {name!r}")
     chain = []
     if clip_value is not None:
         chain.append(optax.clip(clip_value))
     if clip_norm is not None:
         chain.append(optax.clip_by_global_norm(clip_norm))
-    chain.append(OPTIMIZERS[name](learning_rate))
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    chain.append(OPTIMIZERS[name](learning_rate, **decay))
     return optax.chain(*chain) if len(chain) > 1 else chain[0]
 
 
@@ -162,6 +171,48 @@ def _gradient_fn(
     return window
 
 
+def _with_weight_dropout(gradients, rate: float):
+    """DropConnect on every recurrent matrix ``W_hh`` (the weight drop of Merity et al. 2018): one
+    mask per train step, shared by every time step and row, kept weights scaled by
+    ``1/(1-rate)``. By the chain rule a dropped weight's gradient is zero and a kept one's is
+    scaled like its value."""
+    keep = 1.0 - rate
+
+    def masked_gradients(params, xs, targets, h0, lengths, key, resets):
+        layer_keys = jax.random.split(
+            jax.random.fold_in(key, WEIGHT_DROPOUT_TAG), len(params["layers"])
+        )
+        if any("W_hh" not in cell for layer in params["layers"] for cell in layer.values()):
+            raise ValueError("weight_dropout needs a W_hh in every cell's params")
+
+        def mask(k, w):
+            return jnp.where(jax.random.bernoulli(k, keep, w.shape), 1.0 / keep, 0.0).astype(
+                w.dtype
+            )
+
+        scales = [
+            {
+                name: mask(k, cell["W_hh"])
+                for (name, cell), k in zip(
+                    layer.items(), jax.random.split(layer_key, len(layer)), strict=True
+                )
+            }
+            for layer, layer_key in zip(params["layers"], layer_keys, strict=True)
+        ]
+
+        def scaled(tree):
+            layers = [
+                {name: {**cell, "W_hh": cell["W_hh"] * scale[name]} for name, cell in layer.items()}
+                for layer, scale in zip(tree["layers"], scales, strict=True)
+            ]
+            return {**tree, "layers": layers}
+
+        value, grads, carry = gradients(scaled(params), xs, targets, h0, lengths, key, resets)
+        return value, scaled(grads), carry
+
+    return masked_gradients
+
+
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -174,6 +225,7 @@ def make_train_step(
     residual=False,
     time_major: bool = True,
     output_dropout: float = 0.0,
+    weight_dropout: float = 0.0,
 ):
     """Build a jitted ``train_step(params, opt_state, xs, targets, h0=None, lengths=None,
     key=None, resets=None)``: a batch may mark segment starts with ``resets`` (bool ``(T, B)``,
@@ -193,6 +245,9 @@ def make_train_step(
       time_major: False for batch-major ``xs (B, T, ...)`` and per-step targets.
       output_dropout: on the top layer's outputs before the readout (any depth: it regularizes
         a one-layer model too); needs a ``key`` like ``dropout``.
+      weight_dropout: DropConnect on every ``W_hh`` (AWD-LSTM's weight drop): one mask per step
+        for all time steps and rows; needs a ``key`` like ``dropout``. Unlike dropout on ``h``, it
+        leaves the recurrence's state untouched between steps.
 
     Returns:
       ``train_step -> (params, opt_state, StepInfo)``; ``train_step.needs_key`` says whether it
@@ -209,7 +264,8 @@ def make_train_step(
     check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
     options = check_options(options)
-    for name, value in (("dropout", dropout), ("output_dropout", output_dropout)):
+    rates = (("dropout", dropout), ("output_dropout", output_dropout))
+    for name, value in (*rates, ("weight_dropout", weight_dropout)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
             raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
@@ -222,13 +278,16 @@ def make_train_step(
         cell=cell, loss=loss, mode=mode, options=options, truncation=truncation,
         dropout=dropout, residual=residual, time_major=time_major, output_dropout=output_dropout,
     )  # fmt: skip
-    needs_key = dropout > 0 or output_dropout > 0
+    if weight_dropout > 0:
+        gradients = _with_weight_dropout(gradients, weight_dropout)
+    needs_key = dropout > 0 or output_dropout > 0 or weight_dropout > 0
 
     @jax.jit
     def train_step(params, opt_state, xs, targets, h0=None, lengths=None, key=None, resets=None):
         if needs_key and key is None:
             raise ValueError(
-                f"dropout={dropout} (output_dropout={output_dropout}) needs a PRNG key per step "
+                f"dropout={dropout} (output_dropout={output_dropout}, weight_dropout="
+                f"{weight_dropout}) needs a PRNG key per step "
                 "for its masks: pass train_step(..., key=jax.random.key(...)) (fit derives one "
                 "from the step's key)"
             )

@@ -155,7 +155,7 @@ def _window_core(
     _, tapes = _window_loss(params, h_start, xs, targets, drops, resets, h_reset, k1=k1, **static)
     prefix = num_steps - k1  # steps that only carry the gradient further back
     h_tail = _states_at(tapes, h_start, prefix - 1)
-    tail = None if drops is None else [d[prefix:] for d in drops]
+    tail = jax.tree.map(lambda d: d[prefix:], drops)
     head_resets, tail_resets = (
         (None, None) if resets is None else (resets[:prefix], resets[prefix:])
     )
@@ -167,7 +167,7 @@ def _window_core(
         features = params["readout"]["W_hy"].shape[0]
         d_layers, _, _ = stack_backward(
             cell, options, params["layers"], h_start, _slice_tapes(tapes, prefix), None,
-            None if drops is None else [d[:prefix] for d in drops], residual,
+            jax.tree.map(lambda d: d[:prefix], drops), residual,
             jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0, head_resets, h_reset,
         )  # fmt: skip
         d_params = {

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import jax_bptt as jb
 from jax_bptt import BPTT_MODES, bptt_auto, init_model, unroll
 from jax_bptt import train as train_module
 from jax_bptt.check import relative_error
@@ -131,6 +132,27 @@ def test_nonfinite_batch_skips_the_update():
     assert not bool(info.finite)
 
 
+def test_adamw_weight_decay_is_optax_adamw():
+    """``weight_decay`` reaches optax's AdamW: two updates equal ``optax.adamw``'s."""
+    params, xs, targets = _regression()
+    grads = bptt_auto(params, xs, targets, cell="lstm").params
+    ours, theirs = (
+        make_optimizer("adamw", 0.1, weight_decay=0.5),
+        optax.adamw(0.1, weight_decay=0.5),
+    )
+    results = []
+    for optimizer in (ours, theirs):
+        p, state = params, optimizer.init(params)
+        for _ in range(2):
+            updates, state = optimizer.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        results.append(p)
+    _assert_close(*results)
+    default, _ = make_optimizer("adamw", 0.1).update(grads, ours.init(params), params)
+    decayed, _ = ours.update(grads, ours.init(params), params)
+    assert not _leaves_equal(default, decayed)
+
+
 def test_make_optimizer_and_train_step_reject_bad_names():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer("adamm")
@@ -239,10 +261,56 @@ def test_output_dropout_trains_a_single_layer_alike_in_every_mode():
     one, _, _ = step_auto(params, state, ids, targets, h0=h0, key=_rbg_key(0))
     other, _, _ = step_auto(params, state, ids, targets, h0=h0, key=_rbg_key(1))
     assert not _leaves_equal(one, other)
-    with pytest.raises(ValueError, match=r"output_dropout=0.5\) needs a PRNG key per step"):
+    with pytest.raises(ValueError, match=r"output_dropout=0.5, weight_dropout=0.0\) needs a PRNG"):
         step_auto(params, state, ids, targets, h0=h0)
     with pytest.raises(ValueError, match="output_dropout must be a float in"):
         make_train_step(optimizer, cell="lstm", output_dropout=1.0)
+
+
+def test_weight_dropout_is_the_gradient_of_the_masked_model_in_every_mode():
+    """Weight dropout on a 2-layer bidirectional GRU: with SGD at rate 1 the step's gradient is
+    ``params - new``; its zeros in ``W_hh`` are the dropped weights (about the rate), and every
+    leaf equals ``jax.grad`` of the loss with ``W_hh * mask / keep``, times the mask / keep on
+    ``W_hh`` (float64, 1e-10), in every mode; the key decides the mask."""
+    rate, keep = 0.3, 0.7
+    params = init_model(
+        jax.random.key(8), "gru", D, 8, OUT, num_layers=2, bidirectional=True, dtype=jnp.float64
+    )
+    _, xs, targets = _regression()
+    sgd = optax.sgd(1.0)
+    steps = {
+        mode: make_train_step(sgd, cell="gru", mode=mode, weight_dropout=rate)
+        for mode in BPTT_MODES
+    }
+    assert all(step.needs_key for step in steps.values())
+    new, _, info = steps["auto"](params, sgd.init(params), xs, targets, key=_rbg_key(3))
+    grads = jax.tree.map(lambda p, q: p - q, params, new)
+    masks = [{name: cell["W_hh"] != 0 for name, cell in layer.items()} for layer in grads["layers"]]
+    dropped = np.mean([1 - np.mean(m) for layer in masks for m in layer.values()])
+    assert 0.2 < dropped < 0.4
+
+    def scaled(tree):
+        layers = [
+            {
+                name: {**cell, "W_hh": cell["W_hh"] * mask[name] / keep}
+                for name, cell in layer.items()
+            }
+            for layer, mask in zip(tree["layers"], masks, strict=True)
+        ]
+        return {**tree, "layers": layers}
+
+    value, reference = jax.value_and_grad(
+        lambda p: jb.model_loss(scaled(p), xs, targets, cell="gru")
+    )(params)
+    assert relative_error(info.loss, value)[1] <= TOL
+    _assert_close(grads, reference)
+    for mode in BPTT_MODES[1:]:
+        other, _, _ = steps[mode](params, sgd.init(params), xs, targets, key=_rbg_key(3))
+        _assert_close(jax.tree.map(lambda p, q: p - q, params, other), reference)
+    moved, _, _ = steps["auto"](params, sgd.init(params), xs, targets, key=_rbg_key(4))
+    assert not _leaves_equal(moved, new)
+    with pytest.raises(ValueError, match="weight_dropout must be a float in"):
+        make_train_step(sgd, cell="gru", weight_dropout=-0.1)
 
 
 def test_truncated_train_step_rejects_a_bidirectional_model():
@@ -669,6 +737,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
         (dict(clip_norm=float("nan")), "clip_norm must be a finite number > 0"),
         (dict(clip_value=-2.0), "clip_value must be a finite number > 0"),
+        (dict(weight_decay=0.0), "weight_decay must be a finite number > 0"),
+        (dict(weight_decay=0.1), "weight_decay applies to optimizer 'adamw' only"),
     ],
 )
 def test_make_optimizer_refuses_values_that_make_no_sense(kwargs, match):
