@@ -125,8 +125,8 @@ class Config:
     layers: int = 1
     bidirectional: bool = False  # always: a causal language model cannot read the future
     dropout: float = 0.0  # between layers
-    output_dropout: float = 0.4  # on the top layer's outputs, before the readout (README)
-    weight_dropout: float = 0.0  # DropConnect on W_hh (AWD-LSTM's weight drop)
+    output_dropout: float = 0.2  # on the top layer's outputs, before the readout (README)
+    weight_dropout: float = 0.25  # DropConnect on W_hh (AWD-LSTM's weight drop; README)
     residual: bool | str = False  # or "except_first": layers 1.. add their input
     devices: int | None = None  # data-parallel devices (None: one device, no mesh)
     unroll: int | None = None  # lax.scan unroll (None: the platform's default)

@@ -239,7 +239,7 @@ def test_combinations_the_library_now_supports():
     the old scripts, valid settings now."""
     config, _ = char_lm.parse_args(["--layers", "2", "--k2", "128"])
     assert (config.layers, config.k1, config.k2) == (2, char_lm.Config().k1, 128)
-    assert config.output_dropout == char_lm.Config().output_dropout == 0.4  # the default's
+    assert config.output_dropout == char_lm.Config().output_dropout == 0.2  # the default's
     config, _ = copy_memory.parse_args(["--bidirectional", "--bptt", "checkpointed"])
     assert config.bidirectional and config.bptt == "checkpointed"
 
