@@ -13,8 +13,9 @@ in brackets followed by the sampled continuation, and kept in ``samples.txt`` (o
 evaluation, headed by its step; a resumed run drops the entries after its checkpoint, which it
 makes again).
 
-``--output-dropout p`` zeroes units of the top layer's outputs before the readout (the default's
-regulariser: without it the one-layer model overfits this small corpus). ``--layers N`` stacks
+``--weight-dropout p`` drops entries of ``W_hh`` (one mask per step) and ``--output-dropout p``
+units of the top layer's outputs before the readout: the default's regularisers (without them
+the one-layer model overfits this small corpus). ``--layers N`` stacks
 LSTMs, with ``--dropout p`` between them and ``--residual`` connections from the second layer on;
 ``--unroll k`` sets the scan unroll; ``--devices N`` trains data-parallel (``jax_bptt.parallel``,
 the streams split over the devices). There is no ``--bidirectional``: a language model must not
