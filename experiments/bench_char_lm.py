@@ -8,6 +8,8 @@ on one truncated-BPTT window of the bundled text per step, carrying the state:
   ``lax.scan`` of the LSTM step, ``jax.value_and_grad``, optax; nothing else.
 - ``library/<mode>``: ``jax_bptt.make_train_step(..., truncation=(k1, k1), mode=...)``, which adds
   the non-finite guard, the gradient norm and the carry.
+- ``library/fast+drop``: the fast step with the char LM's default regularisers (weight dropout
+  0.25 on ``W_hh``, output dropout 0.2): what they cost per step.
 
 Wall and process-CPU time per step: warm-up, ``block_until_ready``, median over interleaved rounds
 (every candidate once per round, same order), in one process. Prints the CPU and versions.
@@ -107,6 +109,15 @@ def main(argv=None) -> dict:
         runs[f"library/{mode}"] = lambda step=step, state=state: jax.block_until_ready(
             step(params, state, xs, ys, h0)
         )
+    # what the char LM's default regularisers (char_lm.Config) add to the fastest step
+    step = jb.make_train_step(
+        optimizer, cell="lstm", loss="cross_entropy", mode="fast", truncation=(args.k1, args.k1),
+        output_dropout=0.2, weight_dropout=0.25,
+    )  # fmt: skip
+    key, state = jax.random.key(1), optimizer.init(params)
+    runs["library/fast+drop"] = lambda: jax.block_until_ready(
+        step(params, state, xs, ys, h0, key=key)
+    )
     # the same loss at the same params: both compute the same model
     plain_loss = float(plain(plain_params, plain_state, xs, ys, (zeros, zeros))[2])
     library_loss = float(jb.model_loss(params, xs, ys, cell="lstm", loss="cross_entropy"))
