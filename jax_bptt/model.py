@@ -261,6 +261,11 @@ def _directions(layer: dict):
     return [(name, reverse) for name, reverse in DIRECTIONS if name in layer]
 
 
+def inverted_dropout_mask(key, p: float, shape, dtype) -> jax.Array:
+    """Entries 0 (probability ``p``) or ``1 / (1 - p)``, so the mask keeps expectations."""
+    return jax.random.bernoulli(key, 1.0 - p, shape).astype(dtype) / (1 - p)
+
+
 def dropout_masks(key, dropout: float, layers, xs, output_dropout: float = 0.0) -> list | None:
     """Inverted-dropout masks ``(t b f_l)`` for the outputs of every layer but the last (None
     for each when ``dropout == 0``), then, when ``output_dropout > 0``, one more for the top
@@ -278,7 +283,7 @@ def dropout_masks(key, dropout: float, layers, xs, output_dropout: float = 0.0) 
     def mask(k, p, features):
         if p == 0:  # output dropout alone: the layers in between keep every unit
             return None
-        return jax.random.bernoulli(k, 1.0 - p, (*xs.shape[:2], features)).astype(dtype) / (1 - p)
+        return inverted_dropout_mask(k, p, (*xs.shape[:2], features), dtype)
 
     keys = jax.random.split(key, len(layers) - 1) if len(layers) > 1 else []
     masks = [mask(k, dropout, _features(layer)) for k, layer in zip(keys, layers[:-1], strict=True)]

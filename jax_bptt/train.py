@@ -46,6 +46,7 @@ from jax_bptt.checkpoints import (
     save_checkpoint,
 )
 from jax_bptt.losses import check_loss
+from jax_bptt.model import inverted_dropout_mask
 from jax_bptt.modes import CORES, bptt
 from jax_bptt.truncated import Truncation, check_truncation, window_grads
 from jax_bptt.validation import RESIDUALS, check_choice
@@ -176,23 +177,16 @@ def _with_weight_dropout(gradients, rate: float):
     mask per train step, shared by every time step and row, kept weights scaled by
     ``1/(1-rate)``. By the chain rule a dropped weight's gradient is zero and a kept one's is
     scaled like its value."""
-    keep = 1.0 - rate
 
     def masked_gradients(params, xs, targets, h0, lengths, key, resets):
+        if any("W_hh" not in cell for layer in params["layers"] for cell in layer.values()):
+            raise ValueError("weight_dropout needs a W_hh in every cell's params")
         layer_keys = jax.random.split(
             jax.random.fold_in(key, WEIGHT_DROPOUT_TAG), len(params["layers"])
         )
-        if any("W_hh" not in cell for layer in params["layers"] for cell in layer.values()):
-            raise ValueError("weight_dropout needs a W_hh in every cell's params")
-
-        def mask(k, w):
-            return jnp.where(jax.random.bernoulli(k, keep, w.shape), 1.0 / keep, 0.0).astype(
-                w.dtype
-            )
-
         scales = [
             {
-                name: mask(k, cell["W_hh"])
+                name: inverted_dropout_mask(k, rate, cell["W_hh"].shape, cell["W_hh"].dtype)
                 for (name, cell), k in zip(
                     layer.items(), jax.random.split(layer_key, len(layer)), strict=True
                 )
