@@ -152,20 +152,14 @@ def _linearise_diag(cell, layout, params, s_prev, xp):
 # Linear recurrences by associative scan
 
 
-def _combine_full(earlier, later):
-    a1, b1 = earlier
-    a2, b2 = later
-    return a2 @ a1, (a2 @ b1[..., None])[..., 0] + b2
-
-
-def _combine_diag(earlier, later):
-    a1, b1 = earlier
-    a2, b2 = later
-    return a2 * a1, a2 * b1 + b2
-
-
 def _apply(a: Array, s: Array, diag: bool) -> Array:
     return a * s if diag else (a @ s[..., None])[..., 0]
+
+
+def _combine(earlier, later, diag: bool):
+    a1, b1 = earlier
+    a2, b2 = later
+    return (a2 * a1 if diag else a2 @ a1), _apply(a2, b1, diag) + b2
 
 
 def _linear_recurrence(a: Array, b: Array, s0: Array, diag: bool) -> Array:
@@ -175,7 +169,7 @@ def _linear_recurrence(a: Array, b: Array, s0: Array, diag: bool) -> Array:
     products) is only needed inside the combine.
     """
     b = b.at[0].add(_apply(a[0], s0, diag))
-    _, states = jax.lax.associative_scan(_combine_diag if diag else _combine_full, (a, b))
+    _, states = jax.lax.associative_scan(functools.partial(_combine, diag=diag), (a, b))
     return states
 
 
@@ -190,12 +184,12 @@ def _entering(s0: Array, states: Array, restart, s_reset) -> Array:
     return prev if restart is None else jnp.where(restart[..., None], s_reset, prev)
 
 
-def _cut(a: Array, restart, mask: Array, diag: bool) -> Array:
-    """``A_t = 0`` at a restarted step inside its length (``a`` unchanged without restarts)."""
-    if restart is None:
-        return a
-    cut = restart & mask
-    return jnp.where(cut[..., None] if diag else cut[..., None, None], 0.0, a)
+def _transition(jac: Array, restart, mask: Array, diag: bool) -> Array:
+    """``A_t``: ``jac`` (dense or diagonal) inside the lengths, ``I`` at frozen steps, and 0 at a
+    restarted step inside its length."""
+    expand = (..., None) if diag else (..., None, None)
+    a = jnp.where(mask[expand], jac, 1.0 if diag else jnp.eye(jac.shape[-1], dtype=jac.dtype))
+    return a if restart is None else jnp.where((restart & mask)[expand], 0.0, a)
 
 
 def _defect(s0, states, f_prev, mask) -> Array:
@@ -262,13 +256,10 @@ def _newton(cell, layout, method, params, xs, s0, mask, init, controls, restart=
     def body(carry):
         iteration, states, f_prev, jac, _ = carry
         s_prev = _entering(s0, states, restart, s_reset)
-        if diag:
-            a = jnp.where(mask[..., None], (1.0 - damping) * jac, 1.0)
-        else:
+        if not diag:
             _, jac = _linearise_full(cell, layout, params, s_prev, xp)
-            eye = jnp.eye(jac.shape[-1], dtype=jac.dtype)
-            a = jnp.where(mask[..., None, None], (1.0 - damping) * jac, eye)
-        a = _cut(a, restart, mask, diag)  # a restart's b_t is then f(s_reset, x_t) itself
+        # a restart's A_t is 0, so its b_t is f(s_reset, x_t) itself
+        a = _transition((1.0 - damping) * jac, restart, mask, diag)
         b = jnp.where(mask[..., None], f_prev - _apply(a, s_prev, diag), 0.0)
         states = _linear_recurrence(a, b, s0, diag)
         f_prev, jac = evaluate(states)
@@ -292,9 +283,7 @@ def _newton(cell, layout, method, params, xs, s0, mask, init, controls, restart=
     return states, DeerInfo(iterations, residual, converged, ~converged)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _solve(cell, layout, method, params, xs, s0, mask, init, controls, restart=None, s_reset=None):
-    return _newton(cell, layout, method, params, xs, s0, mask, init, controls, restart, s_reset)
+_solve = jax.custom_vjp(_newton, nondiff_argnums=(0, 1, 2))
 
 
 def _solve_fwd(
@@ -320,8 +309,7 @@ def _solve_bwd(cell, layout, method, residuals, cotangents):
     g_states, _ = cotangents  # DeerInfo carries no gradient
     s_prev = _entering(s0, states, restart, s_reset)
     _, jac = _linearise_full(cell, layout, params, s_prev, project_inputs(params, xs))
-    eye = jnp.eye(jac.shape[-1], dtype=jac.dtype)
-    a = _cut(jnp.where(mask[..., None, None], jac, eye), restart, mask, diag=False)
+    a = _transition(jac, restart, mask, diag=False)
     # Reversed time u = T-1-t: lambda_u = A_{t+1}^T lambda_{u-1} + g_u; the u = 0 matrix
     # multiplies the zero start, so any value does.
     a_rev = jnp.concatenate([jnp.zeros_like(a[:1]), jnp.swapaxes(a[1:], -1, -2)[::-1]], axis=0)
@@ -334,13 +322,11 @@ def _solve_bwd(cell, layout, method, residuals, cotangents):
     _, vjp = jax.vjp(step_all, params, xs, s_prev)
     d_params, d_xs, d_prev = vjp(into_step)
     d_s_reset = None
-    if restart is None:
-        d_s0 = jnp.where(mask[0][:, None], d_prev[0], adjoint[0])
-    else:  # d_prev is zero at frozen steps (into_step is), so only restarts inside count
-        d_s0 = jnp.where(
-            mask[0][:, None], jnp.where(restart[0][:, None], 0.0, d_prev[0]), adjoint[0]
-        )
+    into_s0 = d_prev[0]
+    if restart is not None:  # d_prev is 0 at frozen steps (into_step is): restarts inside count
+        into_s0 = jnp.where(restart[0][:, None], 0.0, into_s0)
         d_s_reset = jnp.where(restart[..., None], d_prev, 0.0).sum(0)
+    d_s0 = jnp.where(mask[0][:, None], into_s0, adjoint[0])
     # No gradient flows to the mask, the restarts, the warm start (the solution does not depend
     # on it) or the solver's controls.
     return d_params, d_xs, d_s0, None, jnp.zeros_like(init), (None, None, None), None, d_s_reset
@@ -521,21 +507,17 @@ def deer_unroll(
             f"restart must be bool of shape (T={steps}, B={batch}), got {_shape_of(restart)} "
             f"{getattr(restart, 'dtype', '')}"
         )
-    if init_states is not None:
-        want = jax.tree_util.tree_map(lambda a: (steps, *a.shape), h0)
+    if init_states is not None and (
+        jax.tree_util.tree_structure(init_states) != layout.treedef
+        or any(
+            getattr(a, "shape", None) != (steps, *w.shape) or a.dtype != dtype
+            for a, w in zip(*map(jax.tree_util.tree_leaves, (init_states, h0)), strict=True)
+        )
+    ):
         got = jax.tree_util.tree_map(_shape_of, init_states)
-        if jax.tree_util.tree_structure(init_states) != layout.treedef or any(
-            getattr(a, "shape", None) != w or a.dtype != dtype
-            for a, w in zip(
-                jax.tree_util.tree_leaves(init_states),
-                jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple)),
-                strict=True,
-            )
-        ):
-            raise ValueError(f"init_states must be h0's structure with leaves (T, B, H), got {got}")
+        raise ValueError(f"init_states must be h0's structure with leaves (T, B, H), got {got}")
     if steps == 0:
-        zero = jnp.zeros((), dtype)
-        info = DeerInfo(jnp.int32(0), zero, jnp.bool_(True), jnp.bool_(False))
+        info = DeerInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False))
         hs = jnp.zeros((0, batch, params["W_hh"].shape[0]), dtype)
         if all_states:
             hs = jax.tree_util.tree_map(lambda a: jnp.zeros((0, *a.shape), dtype), h0)
@@ -588,9 +570,8 @@ def lyapunov_exponent(cell, params, xs, h0, lengths=None) -> Array:
     layout, steps, batch = _check_arrays(cell, params, xs, h0, lengths)
     if steps == 0:
         raise ValueError("xs must have at least one step (T >= 1) for a Lyapunov exponent")
-    if lengths is not None and not isinstance(lengths, jax.core.Tracer):
-        if int(np.sum(np.asarray(lengths))) == 0:
-            raise ValueError("lengths are all 0: no step to measure a Lyapunov exponent on")
+    if lengths is not None and not isinstance(lengths, jax.core.Tracer) and not np.any(lengths):
+        raise ValueError("lengths are all 0: no step to measure a Lyapunov exponent on")
     return _lyapunov_jit(cell, layout, params, xs, _flatten(h0), _time_mask(lengths, steps, batch))
 
 

@@ -55,6 +55,7 @@ copy of every ``(t b ...)`` operand), and the backward materialises ``state_{t-1
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -144,8 +145,7 @@ def fits_on_chip(
     Example: Elman fp32 at H=128 fits (112 KiB), at H=256 it does not (~384 KiB); LSTM fp32
     fits up to H=64, and H=128 with bfloat16 weights (224 KiB) just does.
     """
-    estimate = on_chip_bytes(hidden_size, num_gates, dtype, batch_block, weight_dtype)
-    return estimate <= budget_bytes
+    return on_chip_bytes(hidden_size, num_gates, dtype, batch_block, weight_dtype) <= budget_bytes
 
 
 def preferred_backend(
@@ -287,19 +287,15 @@ class _Layout(NamedTuple):
     padded_batch: int
 
 
-def _check_shape(name: str, array, expected: tuple, meaning: str):
-    if tuple(array.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {meaning} = {expected}, got {array.shape}")
-
-
 def _check_stack(name: str, x, width: int, what: str, mask):
     """``(T, B)`` of the ``(T, B, width)`` operand ``x``, after checking it and ``mask``."""
-    if x.ndim != 3:
-        raise ValueError(f"{name} must be (T, B, {what}), got shape {x.shape}")
+    if x.ndim != 3 or x.shape[2] != width:
+        raise ValueError(
+            f"{name} must have shape (T, B, {what}) with {what} = {width} from W_hh, got {x.shape}"
+        )
     num_steps, batch, _ = x.shape
-    _check_shape(name, x, (num_steps, batch, width), f"(T, B, {what} of W_hh)")
-    if mask is not None:
-        _check_shape("mask", mask, (num_steps, batch), "(T, B)")
+    if mask is not None and tuple(mask.shape) != (num_steps, batch):
+        raise ValueError(f"mask must have shape (T, B) = {(num_steps, batch)}, got {mask.shape}")
     return num_steps, batch
 
 
@@ -309,15 +305,6 @@ def _layout(batch: int, params, cell: Cell, options) -> _Layout:
         raise ValueError(f"batch_block must be a positive int, got {block!r}")
     padded = -(-batch // block) * block
     return _Layout(params["W_hh"].shape[0], cell.num_gates, block, padded)
-
-
-def _pad_batch(x, axis: int, padded: int):
-    extra = padded - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
 
 
 def _with_batch(shape, axis: int, size: int) -> tuple:
@@ -330,10 +317,15 @@ def _batch_spec(shape, axis: int):
 
 
 def _batch_input(a, lay: _Layout, time_major: bool):
-    """``(input, BlockSpec)`` of an operand with its batch at axis 1 (``time_major``) or 0."""
+    """``(input, BlockSpec)`` of an operand with its batch at axis 1 (``time_major``) or 0; the
+    input is ``a`` with zero rows appended up to ``lay.padded_batch``."""
     axis = int(time_major)
-    block = _with_batch(a.shape, axis, lay.batch_block)
-    return _pad_batch(a, axis, lay.padded_batch), _batch_spec(block, axis)
+    spec = _batch_spec(_with_batch(a.shape, axis, lay.batch_block), axis)
+    if a.shape[axis] == lay.padded_batch:
+        return a, spec
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, lay.padded_batch - a.shape[axis])
+    return jnp.pad(a, widths), spec
 
 
 def _batch_output(shape, dtype, lay: _Layout, time_major: bool):
@@ -385,14 +377,10 @@ def _store_step(ref, t, value, lay: _Layout):
 
 
 def _store_steps(refs, t, tree, lay: _Layout):
-    """Step ``t`` of each leaf of ``tree`` (``_Gates`` are leaves) into its ref."""
+    """Step ``t`` (``...``: the whole block) of each leaf of ``tree`` (``_Gates`` are leaves) into
+    its ref."""
     for ref, leaf in zip(refs, jax.tree_util.tree_leaves(tree), strict=True):
         _store_step(ref, t, leaf, lay)
-
-
-def _store_all(refs, tree):
-    for ref, leaf in zip(refs, jax.tree_util.tree_leaves(tree), strict=True):
-        ref[...] = leaf.astype(ref.dtype)
 
 
 def _dot(a, w, *, transpose_w: bool, options: PallasOptions, out_dtype):
@@ -447,11 +435,8 @@ def _launch(kernel, inputs, outputs, lay: _Layout, options: PallasOptions, name:
 
 
 def _split_refs(refs, counts):
-    out, start = [], 0
-    for n in counts:
-        out.append(refs[start : start + n])
-        start += n
-    return out
+    it = iter(refs)
+    return [list(itertools.islice(it, n)) for n in counts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +489,7 @@ def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: Pal
             _store_steps(res_refs, t, residuals, lay)
             return new_state
 
-        _store_all(final_refs, _run_steps(num_steps, unroll, step, state0))
+        _store_steps(final_refs, ..., _run_steps(num_steps, unroll, step, state0), lay)
 
     outs = _launch(kernel, inputs, outputs, lay, options, f"{cell.name}_forward")
     # drop the padding rows: final states (b ...), stacks (t b ...)
@@ -600,7 +585,7 @@ def _backward_deltas(
             _store_steps((d_xp_ref, d_hp_ref), t, (d_xp, d_hp), lay)
             return d_prev
 
-        _store_all(d_h0_refs, _run_steps(num_steps, unroll, step, d_state0))
+        _store_steps(d_h0_refs, ..., _run_steps(num_steps, unroll, step, d_state0), lay)
 
     outs = _launch(kernel, inputs, outputs, lay, options, f"{cell.name}_backward")
     d_h0 = jax.tree_util.tree_unflatten(state_tree, [o[:batch] for o in outs[:n_state]])

@@ -191,14 +191,16 @@ def replicate(tree, mesh: Mesh):
     return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
 
 
-def _batch_leaves(batch: Mapping[str, Any], placement: str):
-    """``(name, batch_dim, leaf)`` for every array of a train-step batch dict."""
+def check_divisible(batch: Mapping[str, Any], num_devices: int, *, placement="per_step") -> int:
+    """The batch size ``B``, after checking that ``batch`` is a dict of train-step arguments whose
+    every array has the same batch size, a multiple of ``num_devices``."""
     dims = batch_dims(placement)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of train-step arguments, got {type(batch).__name__}")
     unknown = sorted(set(batch) - set(dims))
     if unknown:
         raise ValueError(f"batch keys must be among {sorted(dims)}, got unknown keys {unknown}")
+    sizes = set()
     for name, value in batch.items():
         for leaf in jax.tree_util.tree_leaves(value):
             shape = np.shape(leaf)
@@ -207,13 +209,7 @@ def _batch_leaves(batch: Mapping[str, Any], placement: str):
                     f"{name} must have its batch axis at position {dims[name]} "
                     f"(placement={placement!r}), got shape {shape}"
                 )
-            yield name, dims[name], leaf
-
-
-def check_divisible(batch: Mapping[str, Any], num_devices: int, *, placement="per_step") -> int:
-    """The batch size ``B``, after checking it is the same for every array and a multiple of
-    ``num_devices``."""
-    sizes = {(name, np.shape(leaf)[dim]) for name, dim, leaf in _batch_leaves(batch, placement)}
+            sizes.add((name, shape[dims[name]]))
     batch_sizes = {size for _, size in sizes}
     if len(batch_sizes) > 1:
         raise ValueError(f"batch arrays disagree on the batch size: {sorted(sizes)}")

@@ -270,8 +270,7 @@ class CharVocab(NamedTuple):
         table = _codepoints(self.chars)  # sorted, because chars is sorted by code point
         points = _codepoints(text)
         ids = np.searchsorted(table, points)
-        ids_clipped = np.minimum(ids, len(table) - 1)
-        unknown = table[ids_clipped] != points
+        unknown = table[np.minimum(ids, len(table) - 1)] != points
         if np.any(unknown):
             bad = sorted({chr(p) for p in points[unknown]})
             raise ValueError(f"text contains characters not in the vocabulary: {bad[:10]!r}")

@@ -364,7 +364,6 @@ def to_torch_modules(params, cell):
     rnn.load_state_dict(to_torch(params, cell))
     head = None
     if params.get("readout") is not None:
-        w_hy = params["readout"]["W_hy"]
-        head = torch.nn.Linear(w_hy.shape[0], w_hy.shape[1], dtype=dtype)
+        head = torch.nn.Linear(*np.shape(params["readout"]["W_hy"]), dtype=dtype)
         head.load_state_dict(readout_to_torch(params))
     return rnn, head
