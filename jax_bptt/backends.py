@@ -138,9 +138,11 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
 
 
-def _positive_int_or_none(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"ScanOptions.{name} must be None or an int >= 1, got {value!r}")
+def _int_or_none(name: str, value, minimum: int = 1) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    ):
+        raise ValueError(f"ScanOptions.{name} must be None or an int >= {minimum}, got {value!r}")
 
 
 def check_options(options) -> ScanOptions:
@@ -150,15 +152,10 @@ def check_options(options) -> ScanOptions:
     if not isinstance(options, ScanOptions):
         raise TypeError(f"options must be a jax_bptt.ScanOptions, got {type(options).__name__}")
     if not (options.unroll is None or options.unroll is True):
-        _positive_int_or_none("unroll", options.unroll)
-    _positive_int_or_none("chunk_length", options.chunk_length)
-    _positive_int_or_none("segment_length", options.segment_length)
-    if options.chunk_bytes is not None and (
-        isinstance(options.chunk_bytes, bool)
-        or not isinstance(options.chunk_bytes, int)
-        or options.chunk_bytes < 0
-    ):
-        raise ValueError(f"ScanOptions.chunk_bytes must be None or an int >= 0, got {options!r}")
+        _int_or_none("unroll", options.unroll)
+    _int_or_none("chunk_length", options.chunk_length)
+    _int_or_none("segment_length", options.segment_length)
+    _int_or_none("chunk_bytes", options.chunk_bytes, minimum=0)
     if options.compute_dtype is not None:
         try:
             floating = jnp.issubdtype(jnp.dtype(options.compute_dtype), jnp.floating)

@@ -33,7 +33,7 @@ from jax_bptt.cells import get_cell, is_token_ids
 from jax_bptt.losses import Loss, check_loss
 from jax_bptt.model import init_model, prepare, run_scan, stack_loss, unbatch
 from jax_bptt.modes import BPTT_MODES, Gradients, bptt
-from jax_bptt.validation import check_choice, check_positive_int, check_targets
+from jax_bptt.validation import check_batch_targets, check_choice, check_positive_int
 
 TOLERANCE = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
 FD_TOLERANCE = 1e-6  # of the largest leaf gradient norm, float64, eps = FD_EPS
@@ -203,11 +203,7 @@ def _float64_point(
         params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options,
     )  # fmt: skip
-    num_steps, batch_size = run.batch.xs.shape[:2]
-    targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
-        run.batch.lengths,
-    )  # fmt: skip
+    targets = check_batch_targets(targets, loss, run.shape, run.batch)
     ids = run.batch.xs if is_token_ids(xs) else None
     point = (params, unbatch(run.batch.h0, run.batch.batched), None if ids is not None else xs)
     static = dict(
@@ -240,21 +236,20 @@ def _central_differences(
 
 
 def _differences(at: _Point, per_leaf: list[np.ndarray], eps: float):
-    """``(central differences, L(p))`` along leaf ``i``'s directions (rows of ``per_leaf[i]``,
-    flattened leaf-sized; zero in every other leaf), all leaves' directions in order."""
+    """``(central differences, L(p))``: for each leaf ``i``, the differences along its directions
+    (rows of ``per_leaf[i]``, flattened leaf-sized; zero in every other leaf), all in one call."""
     leaves, tree = jax.tree_util.tree_flatten(at.point)
-    total = sum(len(d) for d in per_leaf)
-    stacked, start = [], 0
-    for leaf, dirs in zip(leaves, per_leaf, strict=True):
-        block = np.zeros((total, *np.shape(leaf)), np.float64)
-        block[start : start + len(dirs)] = dirs.reshape(len(dirs), *np.shape(leaf))
+    ends = np.cumsum([len(dirs) for dirs in per_leaf])
+    stacked = []
+    for leaf, dirs, end in zip(leaves, per_leaf, ends, strict=True):
+        block = np.zeros((ends[-1], *np.shape(leaf)), np.float64)
+        block[end - len(dirs) : end] = dirs.reshape(len(dirs), *np.shape(leaf))
         stacked.append(block)
-        start += len(dirs)
     directions = jax.tree_util.tree_unflatten(tree, stacked)
     diffs, value = _central_differences(
         at.point, directions, eps, at.ids, at.targets, at.lengths, at.drops, **at.static
     )
-    return np.asarray(diffs), value
+    return np.split(np.asarray(diffs), ends[:-1]), value
 
 
 def finite_difference_gradients(params, xs, targets, *, cell, eps: float = FD_EPS, **bptt_kwargs):
@@ -268,13 +263,8 @@ def finite_difference_gradients(params, xs, targets, *, cell, eps: float = FD_EP
     at = _float64_point(params, xs, targets, cell=cell, **bptt_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(at.point)
     diffs, value = _differences(at, [np.eye(np.size(leaf)) for leaf in leaves], eps)
-    starts = np.cumsum([0] + [np.size(leaf) for leaf in leaves])
-    grads = [
-        diffs[a:b].reshape(np.shape(leaf))
-        for leaf, a, b in zip(leaves, starts[:-1], starts[1:], strict=True)
-    ]
-    d_params, d_h0, d_xs = jax.tree_util.tree_unflatten(tree, grads)
-    return Gradients(value, d_params, d_h0, d_xs)
+    grads = [d.reshape(np.shape(leaf)) for d, leaf in zip(diffs, leaves, strict=True)]
+    return Gradients(value, *jax.tree_util.tree_unflatten(tree, grads))
 
 
 def compare_directional(
@@ -317,19 +307,16 @@ def compare_directional(
     per_leaf = []
     for g in grad_leaves:
         dirs = rng.standard_normal((num_directions, g.size))
-        if g.size and np.any(g):
+        if np.any(g):
             dirs[0] = g
-        norms = np.linalg.norm(dirs, axis=1, keepdims=True)
-        per_leaf.append(dirs / np.where(norms > 0, norms, 1.0) if g.size else dirs)
+        norms = np.linalg.norm(dirs, axis=1, keepdims=True)  # zero for an empty leaf
+        per_leaf.append(dirs / np.where(norms > 0, norms, 1.0))
     diffs, value = _differences(at, per_leaf, eps)
-    scale = max([float(np.linalg.norm(g)) for g in grad_leaves] + [0.0])
+    scale = max(float(np.linalg.norm(g)) for g in grad_leaves)
     names = _named_leaves(grad_point, Gradients._fields[1:])[0]
     max_abs, rel = relative_error(candidate.loss, value)
     rows = [Row("loss", max_abs, rel, rel <= tolerance)]
-    start = 0
-    for row_name, g, dirs in zip(names, grad_leaves, per_leaf, strict=True):
-        fd = diffs[start : start + len(dirs)]
-        start += len(dirs)
+    for row_name, g, dirs, fd in zip(names, grad_leaves, per_leaf, diffs, strict=True):
         err = float(np.max(np.abs(dirs @ g - fd))) if g.size else 0.0
         rel = err / scale if scale > 0 else err
         rows.append(Row(row_name, err, rel, rel <= tolerance))
@@ -369,12 +356,13 @@ def check_gradients(
     if finite_differences:
         _require_x64()
     auto = bptt(params, xs, targets, cell=cell, mode="auto", **bptt_kwargs)
-    reports, first = [], None
-    for mode in modes:
-        grads = bptt(params, xs, targets, cell=cell, mode=mode, **bptt_kwargs)
-        first = grads if first is None else first
-        reports.append(compare_gradients(grads, auto, names=(mode, "auto")))
+    grads = [bptt(params, xs, targets, cell=cell, mode=mode, **bptt_kwargs) for mode in modes]
+    reports = [
+        compare_gradients(g, auto, names=(mode, "auto"))
+        for mode, g in zip(modes, grads, strict=True)
+    ]
     if finite_differences:
+        first = grads[0]
         kw64 = {**bptt_kwargs, "h0": _to64(bptt_kwargs.get("h0"))}  # None stays None
         if jnp.dtype(first.loss.dtype) != jnp.float64:
             first = bptt(_to64(params), _to64(xs), _to64(targets), cell=cell, mode=modes[0], **kw64)

@@ -41,8 +41,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from jax_bptt.backends import ScanOptions
 from jax_bptt.cells import Cell, elman_cell, get_cell, is_token_ids, project_inputs, step
 from jax_bptt.losses import Loss, check_loss, sequence_loss, sequence_loss_grad
 from jax_bptt.model import Prepared, prepare, readout
@@ -58,10 +58,10 @@ from jax_bptt.scan import (
 )
 from jax_bptt.validation import (
     DIRECTIONS,
+    check_batch_targets,
     check_choice,
     check_params,
     check_positive_int,
-    check_targets,
 )
 
 Array = jax.Array
@@ -143,55 +143,11 @@ def _one_recurrence(function: str, params, xs, *, cell, lengths, h0) -> Prepared
     return run
 
 
-def _model_targets(run: Prepared, targets, loss: Loss):
-    num_steps, batch_size = run.batch.xs.shape[:2]
-    return check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
-        run.batch.lengths,
-    )  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
 # The backward pass, recorded
 
 
-class _Forward(NamedTuple):
-    loss: Array
-    mask: Array | None
-    states: Any
-    saved: Any
-    hs: Array  # (t b h)
-    d_ys: Array  # (t b o)
-    d_hs: Array  # (t b h)
-
-
-def _forward(params, h0, xs, targets, lengths, loss: Loss, cell: Cell, unroll) -> _Forward:
-    """The recurrence (keeping states and saved values), the readout at every step, the loss and
-    ``dL/dy`` by hand. ``"last_step"`` counts only ``t = length - 1`` (``losses.term_weights``),
-    which for one unidirectional layer is the model's summary (``model.last_step_summary``)."""
-    p, ro = params["layers"][0]["fwd"], params["readout"]
-    mask = length_mask(lengths, xs.shape[0])
-    _, (states, saved) = scan_states(cell, p, project_inputs(p, xs), h0, mask, unroll=unroll)
-    hs = masked_hidden(cell, states, mask)
-    ys = readout(ro, hs)
-    d_ys = sequence_loss_grad(ys, targets, loss, lengths)
-    value = sequence_loss(ys, targets, loss, lengths)
-    return _Forward(value, mask, states, saved, hs, d_ys, d_ys @ ro["W_hy"].T)
-
-
-def _backward_with_states(cell: Cell, params, h0, fwd: _Forward, d_hs, unroll):
-    """``(d_states, deltas)``: ``d_states`` leaves ``(T+1, b, h)``, row 0 ``dL/dh_0``."""
-    d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
-    deltas = backward_deltas(
-        cell, params, h0, fwd.mask, fwd.states, fwd.saved, d_hs, d_final, unroll=unroll
-    )
-    d_states = jax.tree_util.tree_map(
-        lambda d0, d: jnp.concatenate([d0[None], d]), deltas.d_h0, deltas.d_states
-    )
-    return d_states, deltas
-
-
-def _per_step_cell_grads(cell: Cell, params, h0, xs, fwd: _Forward, deltas: Deltas) -> dict:
+def _per_step_cell_grads(cell: Cell, params, h0, xs, mask, states, saved, deltas: Deltas) -> dict:
     """``cell_grads`` without the sum over t: ``x_t^T d xp_t``, ``h_{t-1}^T d hp_t``, biases
     (token ids: ``d xp_t`` scattered into the rows ``x_t``), and a cell's pointwise params (its
     backward once more per step, on the ``d state_t`` the reverse scan recorded)."""
@@ -205,60 +161,79 @@ def _per_step_cell_grads(cell: Cell, params, h0, xs, fwd: _Forward, deltas: Delt
     per_step["W_hh"] = jnp.einsum("tbh,tbg->thg", deltas.h_prev, deltas.d_hp)
     if cell.pointwise_params:
         d_steps = deltas.d_states
-        if fwd.mask is not None:  # frozen rows give params no gradient (as in backward_deltas)
-            d_steps = jax.tree_util.tree_map(
-                lambda d: jnp.where(fwd.mask[..., None], d, 0), d_steps
-            )
+        if mask is not None:  # frozen rows give params no gradient (as in backward_deltas)
+            d_steps = jax.tree_util.tree_map(lambda d: jnp.where(mask[..., None], d, 0), d_steps)
 
         def pointwise(saved_t, prev_t, d_t):
             return cell.backward(params, saved_t, prev_t, d_t)[3]
 
-        states_prev = previous_states(h0, fwd.states)
-        per_step.update(jax.vmap(pointwise)(fwd.saved, states_prev, d_steps))
+        per_step.update(jax.vmap(pointwise)(saved, previous_states(h0, states), d_steps))
     return per_step
 
 
-def _per_step_readout_grads(hs, d_ys) -> dict:
-    """``h_t^T dL/dy_t`` and ``dL/dy_t`` (summed over the batch), one per step."""
-    return {"W_hy": jnp.einsum("tbh,tbo->tho", hs, d_ys), "b_y": d_ys.sum(1)}
+@functools.partial(jax.jit, static_argnames=("cell", "loss", "options", "per_term"))
+def _flow_core(params, h0, xs, targets, lengths, *, cell: Cell, loss: Loss, options, per_term):
+    """``Flow``, or with ``per_term`` a ``TermFlow`` (one reverse scan per loss term, vmapped).
 
-
-_STATIC = ("cell", "loss", "options")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _flow_core(params, h0, xs, targets, lengths, *, cell: Cell, loss: Loss, options) -> Flow:
-    p = params["layers"][0]["fwd"]
-    xs = masked(length_mask(lengths, xs.shape[0]), xs)  # padding reaches nothing (as the model)
-    fwd = _forward(params, h0, xs, targets, lengths, loss, cell, options.unroll)
-    d_states, deltas = _backward_with_states(cell, p, h0, fwd, fwd.d_hs, options.unroll)
-    steps = {
-        "layers": [{"fwd": _per_step_cell_grads(cell, p, h0, xs, fwd, deltas)}],
-        "readout": _per_step_readout_grads(fwd.hs, fwd.d_ys),
-    }
-    return Flow(fwd.loss, d_states, cell.hidden(d_states), steps)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _term_flow_core(params, h0, xs, targets, lengths, *, cell: Cell, loss: Loss, options):
-    p = params["layers"][0]["fwd"]
-    xs = masked(length_mask(lengths, xs.shape[0]), xs)
-    fwd = _forward(params, h0, xs, targets, lengths, loss, cell, options.unroll)
+    The recurrence keeps its states and saved values; the readout runs at every step, and the loss
+    and ``dL/dy`` are by hand. ``"last_step"`` counts only ``t = length - 1``
+    (``losses.term_weights``), which for one unidirectional layer is the model's summary
+    (``model.last_step_summary``)."""
+    p, ro = params["layers"][0]["fwd"], params["readout"]
     num_steps = xs.shape[0]
+    mask = length_mask(lengths, num_steps)
+    xs = masked(mask, xs)  # padding reaches nothing (as the model)
+    _, (states, saved) = scan_states(
+        cell, p, project_inputs(p, xs), h0, mask, unroll=options.unroll
+    )
+    hs = masked_hidden(cell, states, mask)
+    ys = readout(ro, hs)
+    d_ys = sequence_loss_grad(ys, targets, loss, lengths)
+    d_hs = d_ys @ ro["W_hy"].T
 
-    def one_term(index):
-        picked = (jnp.arange(num_steps) == index)[:, None, None]
-        d_hs = jnp.where(picked, fwd.d_hs, 0)
-        d_states, deltas = _backward_with_states(cell, p, h0, fwd, d_hs, options.unroll)
-        return d_states, cell_grads(cell, p, xs, deltas)[0]
+    def backward(d_hs):
+        """``(d_states, deltas)``: ``d_states`` leaves ``(T+1, b, h)``, row 0 ``dL/dh_0``."""
+        d_final = jax.tree_util.tree_map(jnp.zeros_like, h0)
+        deltas = backward_deltas(
+            cell, p, h0, mask, states, saved, d_hs, d_final, unroll=options.unroll
+        )
+        d_states = jax.tree_util.tree_map(
+            lambda d0, d: jnp.concatenate([d0[None], d]), deltas.d_h0, deltas.d_states
+        )
+        return d_states, deltas
 
-    d_states, d_cell = jax.vmap(one_term)(jnp.arange(num_steps))
-    # The readout sees L_t only through y_t: its term-t gradient is its step-t term.
-    terms = {"layers": [{"fwd": d_cell}], "readout": _per_step_readout_grads(fwd.hs, fwd.d_ys)}
-    return TermFlow(d_states, cell.hidden(d_states), terms)
+    if per_term:
+
+        def one_term(index):
+            picked = (jnp.arange(num_steps) == index)[:, None, None]
+            d_states, deltas = backward(jnp.where(picked, d_hs, 0))
+            return d_states, cell_grads(cell, p, xs, deltas)[0]
+
+        d_states, d_cell = jax.vmap(one_term)(jnp.arange(num_steps))
+    else:
+        d_states, deltas = backward(d_hs)
+        d_cell = _per_step_cell_grads(cell, p, h0, xs, mask, states, saved, deltas)
+    # h_t^T dL/dy_t and dL/dy_t (summed over the batch) per step, which is also per term: the
+    # readout sees L_t only through y_t.
+    d_readout = {"W_hy": jnp.einsum("tbh,tbo->tho", hs, d_ys), "b_y": d_ys.sum(1)}
+    out = (d_states, cell.hidden(d_states), {"layers": [{"fwd": d_cell}], "readout": d_readout})
+    return TermFlow(*out) if per_term else Flow(sequence_loss(ys, targets, loss, lengths), *out)
 
 
-def _drop_batch_axis(out, axis: int):
+def _flow(per_term: bool, params, xs, targets, cell, loss, lengths, h0):
+    """Validate once, run ``_flow_core`` on the one recurrence, drop the batch axis if none was
+    given."""
+    loss = check_loss(loss)
+    name = "term_flow" if per_term else "gradient_flow"
+    run = _one_recurrence(name, params, xs, cell=cell, lengths=lengths, h0=h0)
+    out = _flow_core(
+        params, run.batch.h0[0]["fwd"], run.batch.xs,
+        check_batch_targets(targets, loss, run.shape, run.batch), run.batch.lengths,
+        cell=run.cell, loss=loss, options=run.options, per_term=per_term,
+    )  # fmt: skip
+    if run.batch.batched:
+        return out
+    axis = 2 if per_term else 1
     take = functools.partial(jax.tree_util.tree_map, lambda a: jnp.take(a, 0, axis))
     return out._replace(d_states=take(out.d_states), d_hidden=take(out.d_hidden))
 
@@ -286,18 +261,7 @@ def gradient_flow(
       ValueError: for a model of more than one layer or a bidirectional one (module docstring),
         and for inputs ``bptt`` would reject.
     """
-    return _flow(_flow_core, "gradient_flow", 1, params, xs, targets, cell, loss, lengths, h0)
-
-
-def _flow(core, name, batch_axis, params, xs, targets, cell, loss, lengths, h0):
-    """Validate once, run ``core`` on the one recurrence, drop the batch axis if none was given."""
-    loss = check_loss(loss)
-    run = _one_recurrence(name, params, xs, cell=cell, lengths=lengths, h0=h0)
-    out = core(
-        params, run.batch.h0[0]["fwd"], run.batch.xs, _model_targets(run, targets, loss),
-        run.batch.lengths, cell=run.cell, loss=loss, options=run.options,
-    )  # fmt: skip
-    return out if run.batch.batched else _drop_batch_axis(out, batch_axis)
+    return _flow(False, params, xs, targets, cell, loss, lengths, h0)
 
 
 def term_flow(
@@ -316,46 +280,63 @@ def term_flow(
     Raises:
       ValueError: as ``gradient_flow``.
     """
-    return _flow(_term_flow_core, "term_flow", 2, params, xs, targets, cell, loss, lengths, h0)
+    return _flow(True, params, xs, targets, cell, loss, lengths, h0)
 
 
 # --------------------------------------------------------------------------------------------
 # Jacobians dh_T/dh_t
 
 
-def _flat_state_maps(template):
-    """``(flatten, unflatten)`` between an unbatched state and one vector ``(S,)``."""
-    leaves, structure = jax.tree_util.tree_flatten(template)
-
-    def flatten(state):
-        return jnp.concatenate(jax.tree_util.tree_leaves(state), -1)
-
-    def unflatten(vector):
-        return jax.tree_util.tree_unflatten(structure, jnp.split(vector, len(leaves), -1))
-
-    return flatten, unflatten
+def _unit_rows(v):
+    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    return v / jnp.where(norm > 0, norm, 1)
 
 
-def _drop_batch(state):
-    return jax.tree_util.tree_map(lambda a: a[0], state)
-
-
-def _full_mask(lengths, num_steps: int, batch_size: int) -> Array:
-    mask = length_mask(lengths, num_steps)
-    return jnp.ones((num_steps, batch_size), bool) if mask is None else mask
-
-
-@functools.partial(jax.jit, static_argnames=("cell", "options"))
-def _exact_norms(params, h0, xs, lengths, *, cell: Cell, options: ScanOptions):
+@functools.partial(jax.jit, static_argnames=("cell", "options", "method", "num_iters"))
+def _norms_core(params, h0, xs, lengths, key, *, cell: Cell, options, method, num_iters: int):
+    """``jacobian_norms`` of the cell params on batched inputs: ``(T+1, b)``."""
     num_steps, batch_size = xs.shape[:2]
-    hidden_size = params["W_hh"].shape[0]
-    mask = _full_mask(lengths, num_steps, batch_size)
+    mask = length_mask(lengths, num_steps)
+    mask = jnp.ones((num_steps, batch_size), bool) if mask is None else mask
     xs = masked(mask, xs)
     xp = project_inputs(params, xs)
     _, (states, _) = scan_states(cell, params, xp, h0, mask, unroll=options.unroll)
-    states_prev = previous_states(h0, states)
-    flatten, unflatten = _flat_state_maps(_drop_batch(h0))
-    state_size = flatten(_drop_batch(h0)).shape[-1]
+
+    if method == "power":
+        all_states = jax.tree_util.tree_map(
+            lambda a0, a: jnp.concatenate([a0[None], a]), h0, states
+        )
+        start = _unit_rows(jax.random.normal(key, cell.hidden(h0).shape, xs.dtype))
+
+        def norm_from(t, state_t):
+            # Steps before t+1 are frozen (masked), so the full-length scan runs h_t -> h_T with
+            # one shape for every t; sequences are independent rows, so each row iterates alone.
+            running = mask & (jnp.arange(num_steps) >= t)[:, None]
+
+            def propagate(h):
+                final, _ = scan_states(
+                    cell, params, xp, cell.with_hidden(state_t, h), running, unroll=options.unroll
+                )
+                return cell.hidden(final)
+
+            h_t = cell.hidden(state_t)
+            _, jvp = jax.linearize(propagate, h_t)
+            vjp = jax.linear_transpose(jvp, h_t)
+
+            def iterate(_, v):
+                return _unit_rows(vjp(jvp(v))[0])
+
+            v = jax.lax.fori_loop(0, num_iters, iterate, start)
+            return jnp.linalg.norm(jvp(v), axis=-1)
+
+        return jax.vmap(norm_from)(jnp.arange(num_steps + 1), all_states)
+
+    # method "exact": an unbatched state as one vector (S,), and back
+    flat_state, unflatten = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], h0))
+    state_size = flat_state.shape[-1]
+
+    def flatten(state):
+        return ravel_pytree(state)[0]
 
     def step_jacobian(x, state_prev, live):
         """``d state_t / d state_{t-1}``, ``(S, S)``, of one sequence at one step."""
@@ -368,6 +349,7 @@ def _exact_norms(params, h0, xs, lengths, *, cell: Cell, options: ScanOptions):
 
         return jax.jacfwd(advance)(flatten(state_prev))
 
+    states_prev = previous_states(h0, states)
     jacobians = jax.vmap(jax.vmap(step_jacobian))(xs, states_prev, mask)  # (t b S S)
 
     def chain(product, jacobian):  # d s_T/d s_t = d s_T/d s_{t+1} @ d s_{t+1}/d s_t
@@ -382,47 +364,9 @@ def _exact_norms(params, h0, xs, lengths, *, cell: Cell, options: ScanOptions):
     zero = jnp.zeros((state_size,), xs.dtype)
     read_h = jax.jacfwd(lambda v: cell.hidden(unflatten(v)))(zero)  # (H, S)
     embed_h = jax.jacfwd(lambda h: flatten(cell.with_hidden(unflatten(zero), h)))(
-        jnp.zeros((hidden_size,), xs.dtype)
+        jnp.zeros((params["W_hh"].shape[0],), xs.dtype)
     )  # (S, H)
     return jnp.linalg.norm(read_h @ products @ embed_h, ord=2, axis=(-2, -1))
-
-
-def _unit_rows(v):
-    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
-    return v / jnp.where(norm > 0, norm, 1)
-
-
-@functools.partial(jax.jit, static_argnames=("cell", "options", "num_iters"))
-def _power_norms(params, h0, xs, lengths, key, *, cell: Cell, options, num_iters: int):
-    num_steps, batch_size = xs.shape[:2]
-    mask = _full_mask(lengths, num_steps, batch_size)
-    xp = project_inputs(params, masked(mask, xs))
-    _, (states, _) = scan_states(cell, params, xp, h0, mask, unroll=options.unroll)
-    all_states = jax.tree_util.tree_map(lambda a0, a: jnp.concatenate([a0[None], a]), h0, states)
-    start = _unit_rows(jax.random.normal(key, cell.hidden(h0).shape, xs.dtype))
-
-    def norm_from(t, state_t):
-        # Steps before t+1 are frozen (masked), so the full-length scan runs h_t -> h_T with
-        # one shape for every t; sequences are independent rows, so each row iterates alone.
-        running = mask & (jnp.arange(num_steps) >= t)[:, None]
-
-        def propagate(h):
-            final, _ = scan_states(
-                cell, params, xp, cell.with_hidden(state_t, h), running, unroll=options.unroll
-            )
-            return cell.hidden(final)
-
-        h_t = cell.hidden(state_t)
-        _, jvp = jax.linearize(propagate, h_t)
-        vjp = jax.linear_transpose(jvp, h_t)
-
-        def iterate(_, v):
-            return _unit_rows(vjp(jvp(v))[0])
-
-        v = jax.lax.fori_loop(0, num_iters, iterate, start)
-        return jnp.linalg.norm(jvp(v), axis=-1)
-
-    return jax.vmap(norm_from)(jnp.arange(num_steps + 1), all_states)
 
 
 def jacobian_norms(
@@ -456,12 +400,11 @@ def jacobian_norms(
     check_choice("method", method, JACOBIAN_METHODS)
     num_iters = check_positive_int("num_iters", num_iters)
     run = _one_recurrence("jacobian_norms", params, xs, cell=cell, lengths=lengths, h0=h0)
-    args = (params["layers"][0]["fwd"], run.batch.h0[0]["fwd"], run.batch.xs, run.batch.lengths)
-    if method == "exact":
-        norms = _exact_norms(*args, cell=run.cell, options=run.options)
-    else:
-        key = jax.random.key(0) if key is None else key
-        norms = _power_norms(*args, key, cell=run.cell, options=run.options, num_iters=num_iters)
+    norms = _norms_core(
+        params["layers"][0]["fwd"], run.batch.h0[0]["fwd"], run.batch.xs, run.batch.lengths,
+        jax.random.key(0) if key is None else key, cell=run.cell, options=run.options,
+        method=method, num_iters=num_iters,
+    )  # fmt: skip
     return norms if run.batch.batched else norms[:, 0]
 
 
@@ -501,8 +444,7 @@ def _selected(params, cell, layer, direction, *, allow_all: bool):
     if direction is None and allow_all:
         directions = shape.directions
     else:
-        names = tuple(name for name, _ in DIRECTIONS)
-        check_choice("direction", direction, names)
+        check_choice("direction", direction, tuple(dict(DIRECTIONS)))
         if direction not in shape.directions:
             raise ValueError(
                 f"direction {direction!r} is not in this model (directions "

@@ -44,12 +44,6 @@ def _check_path(path) -> str:
 # The unrolled network
 
 
-def _param_shapes(cell, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
-    """The cell's parameter shapes, from its own ``init`` (traced only, nothing computed)."""
-    shapes = jax.eval_shape(lambda key: cell.init(key, input_size, hidden_size), jax.random.key(0))
-    return {name: tuple(leaf.shape) for name, leaf in shapes.items()}
-
-
 def _state_label(cell, t) -> str:
     """``h_t`` or ``h_t, c_t``: the state's leaves, read off the cell's ``zero_state``."""
     num_leaves = len(jax.tree_util.tree_leaves(cell.zero_state((), 1, np.float32)))
@@ -76,9 +70,10 @@ def unrolled_network(
     hidden_size = check_positive_int("hidden_size", hidden_size)
     output_size = check_positive_int("output_size", output_size)
     path = _check_path(path)
-    shapes = _param_shapes(cell, input_size, hidden_size)
-    shapes["W_hy"] = (hidden_size, output_size)
-    shapes["b_y"] = (output_size,)
+    # The cell's parameter shapes, from its own init (traced only, nothing computed).
+    shapes = jax.eval_shape(lambda key: cell.init(key, input_size, hidden_size), jax.random.key(0))
+    shapes = {name: tuple(leaf.shape) for name, leaf in shapes.items()}
+    shapes.update(W_hy=(hidden_size, output_size), b_y=(output_size,))
 
     plt = _pyplot()
     from matplotlib.patches import FancyBboxPatch

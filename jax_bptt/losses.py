@@ -68,18 +68,18 @@ def term_weights(placement: str, num_steps: int, batch_size: int, lengths, dtype
     return picked.astype(dtype)
 
 
-def _per_step_targets(targets, placement, num_steps):
-    """Broadcast last-step targets over t so both placements share one code path."""
-    if placement == "per_step":
-        return targets
-    return jnp.broadcast_to(targets[None], (num_steps, *targets.shape))
-
-
-def _counted_targets(targets, weights):
-    """Targets with the uncounted ones replaced by 0: a NaN (or any value) in padding must reach
-    neither the loss nor, through ``0 * NaN`` in a derivative, the gradients."""
+def _counted(ys, targets, loss: Loss, lengths):
+    """``(targets, weights)`` over every step ``(t b ...)``: last-step targets broadcast over t so
+    both placements share one code path, and the uncounted ones replaced by 0 (a NaN, or any
+    value, in padding must reach neither the loss nor, through ``0 * NaN`` in a derivative, the
+    gradients); ``weights`` are ``term_weights``."""
+    num_steps, batch_size = ys.shape[:2]
+    if loss.placement != "per_step":
+        targets = jnp.broadcast_to(targets[None], (num_steps, *targets.shape))
+    weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
     picked = weights > 0
-    return jnp.where(picked[..., None] if targets.ndim > weights.ndim else picked, targets, 0)
+    picked = picked[..., None] if targets.ndim > weights.ndim else picked
+    return jnp.where(picked, targets, 0), weights
 
 
 def _terms(ys, targets, loss):
@@ -97,10 +97,8 @@ def _scale(weights, reduction):
 
 def sequence_loss(ys, targets, loss: Loss, lengths=None) -> jax.Array:
     """Scalar loss of outputs ``ys: (t b o)`` (see the module docstring for the conventions)."""
-    num_steps, batch_size = ys.shape[:2]
-    targets = _per_step_targets(targets, loss.placement, num_steps)
-    weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
-    terms = _terms(ys, _counted_targets(targets, weights), loss.kind)
+    targets, weights = _counted(ys, targets, loss, lengths)
+    terms = _terms(ys, targets, loss.kind)
     # where, not multiply: a masked term may be inf/NaN (padding) and must not poison the sum.
     return jnp.sum(jnp.where(weights > 0, terms, 0) * _scale(weights, loss.reduction))
 
@@ -113,10 +111,8 @@ def sequence_loss_grad(ys, targets, loss: Loss, lengths=None) -> jax.Array:
 
     each scaled by the term's weight (0 for excluded terms, 1/count for ``"mean"``).
     """
-    num_steps, batch_size, output_size = ys.shape
-    targets = _per_step_targets(targets, loss.placement, num_steps)
-    weights = term_weights(loss.placement, num_steps, batch_size, lengths, ys.dtype)
-    targets = _counted_targets(targets, weights)
+    output_size = ys.shape[-1]
+    targets, weights = _counted(ys, targets, loss, lengths)
     weights = _scale(weights, loss.reduction)
     if loss.kind == "mse":
         d_terms = 2.0 * (ys - targets) / output_size

@@ -82,16 +82,15 @@ def _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_
     return Gradients(value, d_params, d_h0, d_xs[0] if d_xs else None), finals
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _auto_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
-    loss_fn = functools.partial(stack_loss_and_finals, run=run_auto, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
+def _autodiff_core(run):
+    """A jitted core: ``jax.value_and_grad`` of the stack whose recurrences ``run`` evaluates."""
 
+    @functools.partial(jax.jit, static_argnames=_STATIC)
+    def core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
+        loss_fn = functools.partial(stack_loss_and_finals, run=run, **static)
+        return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _fast_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
-    loss_fn = functools.partial(stack_loss_and_finals, run=run_fast, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
+    return core
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -198,18 +197,12 @@ def _checkpointed_core(
     return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _parallel_core(params, h0, xs, targets, lengths, drops, resets=None, h_reset=None, **static):
-    loss_fn = functools.partial(stack_loss_and_finals, run=run_parallel, **static)
-    return _value_and_grad(loss_fn, params, h0, xs, targets, lengths, drops, resets, h_reset)
-
-
 CORES = {
-    "auto": _auto_core,
+    "auto": _autodiff_core(run_auto),
     "manual": _manual_core,
-    "fast": _fast_core,
+    "fast": _autodiff_core(run_fast),
     "checkpointed": _checkpointed_core,
-    "parallel": _parallel_core,
+    "parallel": _autodiff_core(run_parallel),
 }
 # The four exact sequential modes; "parallel" (Newton over associative scans, jax_bptt.deer)
 # is exact at convergence and falls back to the sequential scan otherwise.
@@ -268,17 +261,10 @@ def bptt(
       True
     """
     check_choice("mode", mode, tuple(CORES))
-    loss = check_loss(loss)
-    run = prepare(
-        params, xs, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
+    loss, run, targets = _prepare_with_targets(
+        params, xs, targets, loss, cell=cell, lengths=lengths, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major, resets=resets,
         output_dropout=output_dropout,
-    )  # fmt: skip
-    targets = _time_major_targets(targets, loss, time_major)
-    num_steps, batch_size = run.batch.xs.shape[:2]
-    targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
-        run.batch.lengths,
     )  # fmt: skip
     grads, _ = CORES[mode](
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.drops,
@@ -291,11 +277,19 @@ def bptt(
     )
 
 
-def _time_major_targets(targets, loss: Loss, time_major: bool):
-    """Per-step targets ``(B, T, ...)`` to ``(T, B, ...)`` for batch-major calls."""
-    if time_major or loss.placement != "per_step" or not hasattr(targets, "ndim"):
-        return targets
-    return to_time_major(targets, False, 3 if loss.kind == "mse" else 2)
+def _prepare_with_targets(params, xs, targets, loss, *, time_major, **kwargs):
+    """``(loss, model.prepare(...), targets)``, the targets checked against the loss and brought
+    to the batched, time-major layout (per-step ``(B, T, ...)`` transposed when batch-major)."""
+    loss = check_loss(loss)
+    run = prepare(params, xs, time_major=time_major, **kwargs)
+    if not time_major and loss.placement == "per_step" and hasattr(targets, "ndim"):
+        targets = to_time_major(targets, False, 3 if loss.kind == "mse" else 2)
+    num_steps, batch_size = run.batch.xs.shape[:2]
+    targets = check_targets(
+        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
+        run.batch.lengths,
+    )  # fmt: skip
+    return loss, run, targets
 
 
 def bptt_auto(
@@ -358,16 +352,9 @@ def model_loss(
 ) -> jax.Array:  # fmt: skip
     """The scalar loss of the model without gradients (evaluation: no dropout); arguments as for
     ``bptt``."""
-    loss = check_loss(loss)
-    run = prepare(
-        params, xs, cell=cell, lengths=lengths, h0=h0, dropout=0.0, key=None,
+    loss, run, targets = _prepare_with_targets(
+        params, xs, targets, loss, cell=cell, lengths=lengths, h0=h0, dropout=0.0, key=None,
         residual=residual, options=options, time_major=time_major, resets=resets,
-    )  # fmt: skip
-    targets = _time_major_targets(targets, loss, time_major)
-    num_steps, batch_size = run.batch.xs.shape[:2]
-    targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
-        run.batch.lengths,
     )  # fmt: skip
     return _loss_core(
         params, run.batch.h0, run.batch.xs, targets, run.batch.lengths, run.batch.resets,

@@ -310,6 +310,14 @@ def check_targets(
     return jnp.asarray(targets)
 
 
+def check_batch_targets(targets, loss: Loss, shape: ModelShape, batch: Batch):
+    """``check_targets`` for the model and inputs ``check_inputs`` returned."""
+    num_steps, batch_size = batch.xs.shape[:2]
+    return check_targets(
+        targets, loss, num_steps, batch_size, shape.output_size, batch.batched, batch.lengths
+    )
+
+
 def _check_class_ids(ids: np.ndarray, placement: str, output_size: int, lengths) -> None:
     """Every counted class id in ``[0, O)``; ``ids`` batched ``(T, B)`` or ``(B,)``."""
     counted = np.ones(ids.shape, bool)
