@@ -300,13 +300,14 @@ def _norms_core(params, h0, xs, lengths, key, *, cell: Cell, options, method, nu
     mask = jnp.ones((num_steps, batch_size), bool) if mask is None else mask
     xs = masked(mask, xs)
     xp = project_inputs(params, xs)
+    dtype = params["W_hh"].dtype  # xs may be token ids
     _, (states, _) = scan_states(cell, params, xp, h0, mask, unroll=options.unroll)
 
     if method == "power":
         all_states = jax.tree_util.tree_map(
             lambda a0, a: jnp.concatenate([a0[None], a]), h0, states
         )
-        start = _unit_rows(jax.random.normal(key, cell.hidden(h0).shape, xs.dtype))
+        start = _unit_rows(jax.random.normal(key, cell.hidden(h0).shape, dtype))
 
         def norm_from(t, state_t):
             # Steps before t+1 are frozen (masked), so the full-length scan runs h_t -> h_T with
@@ -356,15 +357,15 @@ def _norms_core(params, h0, xs, lengths, key, *, cell: Cell, options, method, nu
         product = product @ jacobian
         return product, product
 
-    eye = jnp.eye(state_size, dtype=xs.dtype)
+    eye = jnp.eye(state_size, dtype=dtype)
     eye = jnp.broadcast_to(eye, (batch_size, state_size, state_size))
     _, products = jax.lax.scan(chain, eye, jacobians, reverse=True)
     products = jnp.concatenate([products, eye[None]])  # (T+1, b, S, S)
     # The h -> h block: embed h into a state (other parts fixed), read h out of the state.
-    zero = jnp.zeros((state_size,), xs.dtype)
+    zero = jnp.zeros((state_size,), dtype)
     read_h = jax.jacfwd(lambda v: cell.hidden(unflatten(v)))(zero)  # (H, S)
     embed_h = jax.jacfwd(lambda h: flatten(cell.with_hidden(unflatten(zero), h)))(
-        jnp.zeros((params["W_hh"].shape[0],), xs.dtype)
+        jnp.zeros((params["W_hh"].shape[0],), dtype)
     )  # (S, H)
     return jnp.linalg.norm(read_h @ products @ embed_h, ord=2, axis=(-2, -1))
 

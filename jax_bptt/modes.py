@@ -52,7 +52,7 @@ from jax_bptt.model import (
     unbatch,
 )
 from jax_bptt.scan import sum_outer
-from jax_bptt.validation import check_choice, check_targets
+from jax_bptt.validation import check_batch_targets, check_choice
 
 
 class Gradients(NamedTuple):
@@ -284,12 +284,7 @@ def _prepare_with_targets(params, xs, targets, loss, *, time_major, **kwargs):
     run = prepare(params, xs, time_major=time_major, **kwargs)
     if not time_major and loss.placement == "per_step" and hasattr(targets, "ndim"):
         targets = to_time_major(targets, False, 3 if loss.kind == "mse" else 2)
-    num_steps, batch_size = run.batch.xs.shape[:2]
-    targets = check_targets(
-        targets, loss, num_steps, batch_size, run.shape.output_size, run.batch.batched,
-        run.batch.lengths,
-    )  # fmt: skip
-    return loss, run, targets
+    return loss, run, check_batch_targets(targets, loss, run.shape, run.batch)
 
 
 def bptt_auto(

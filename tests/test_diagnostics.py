@@ -256,6 +256,18 @@ def test_power_iteration_matches_the_exact_jacobian_norm():
     np.testing.assert_array_equal(np.asarray(exact)[LENGTHS[1] :, 1], 1.0)
 
 
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_jacobian_norms_of_token_ids_equal_those_of_one_hot_inputs(method):
+    """Token ids are rows of ``W_xh``: the same recurrence as one-hot float inputs."""
+    params, _, _, h0 = model_and_data("gru", "mse", "per_step", seed=3)
+    ids = jax.random.randint(jax.random.key(7), (T, B), 0, D)
+    kw = dict(cell="gru", h0=[{"fwd": h0}], lengths=LENGTHS, method=method, num_iters=50)
+    from_ids = jacobian_norms(params, ids, **kw)
+    from_one_hot = jacobian_norms(params, jax.nn.one_hot(ids, D, dtype=jnp.float64), **kw)
+    assert from_ids.shape == (T + 1, B) and np.all(np.asarray(from_ids) > 0)
+    assert relative_error(from_ids, from_one_hot)[1] <= TOL
+
+
 def test_recurrent_spectrum_and_scaling_per_gate_block():
     params = init_model(
         jax.random.key(0), "lstm", D, 4, OUT, dtype=jnp.float64, recurrent_init="orthogonal"
