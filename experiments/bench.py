@@ -62,7 +62,7 @@ from common import (
     int_list,
     set_cpu_threads,
     versions,
-    write_text,
+    write_outputs,
 )
 
 from jax_bptt import ScanOptions, bptt, get_cell, init_model
@@ -213,10 +213,8 @@ def jax_inputs(cell_name, batch, hidden, steps, features):
 
 
 def jax_timer(fn, args):
-    def run():
-        jax.block_until_ready(fn(*args))
-
-    return run
+    """A ``run()`` for ``interleaved_medians``: ``fn(*args)``, waiting for its results."""
+    return lambda: jax.block_until_ready(fn(*args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +261,8 @@ def torch_peer(cell_name, batch, hidden, steps, features, device, *, backward: b
         held = torch.cuda.memory_allocated()
         run()
         temp = torch.cuda.max_memory_allocated() - held
-    name = {"elman_tanh": "nn.RNN", "lstm": "nn.LSTM", "gru": "nn.GRU"}[cell_name]
-    return f"torch {name} ({device}{', cuDNN' if device == 'cuda' else ''})", run, temp
+    cudnn = ", cuDNN" if device == "cuda" else ""
+    return f"torch nn.{rnn_cls.__name__} ({device}{cudnn})", run, temp
 
 
 def flax_peer(cell_name, batch, hidden, steps, features):
@@ -293,9 +291,8 @@ def flax_peer(cell_name, batch, hidden, steps, features):
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     args = (params, xs, carry, ys)
-    name = {"elman_tanh": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}[cell_name]
     compiled, temp = compile_measured(fn, *args)
-    return f"flax nn.RNN({name})", jax_timer(compiled, args), temp
+    return f"flax nn.RNN({cell_cls.__name__})", jax_timer(compiled, args), temp
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,15 +327,12 @@ def measure_point(cell_name, size, modes, unrolls, repeats, peers, torch_device)
         compiled, temp = compile_measured(fn, *args)
         runs[mode] = jax_timer(compiled, args)
         meta[mode] = ("jax_bptt", temp, options)
-    if peers:
-        found = torch_peer(cell_name, *size, torch_device)
+    peer_fns = {"torch": functools.partial(torch_peer, device=torch_device), "flax": flax_peer}
+    for impl, peer in peer_fns.items() if peers else ():
+        found = peer(cell_name, *size)  # (name, run, temp bytes) or None
         if found is not None:
             runs[found[0]] = found[1]
-            meta[found[0]] = ("torch", found[2], None)
-        found = flax_peer(cell_name, *size)
-        if found is not None:
-            runs[found[0]] = found[1]
-            meta[found[0]] = ("flax", found[2], None)
+            meta[found[0]] = (impl, found[2], None)
     medians = interleaved_medians(runs, repeats)
     records = []
     for mode, (ms, cpu_ms) in medians.items():
@@ -358,6 +352,11 @@ def measure_point(cell_name, size, modes, unrolls, repeats, peers, torch_device)
     return with_best_unroll(records)
 
 
+def _point(r) -> tuple:
+    """A record's grid point ``(cell, B, H, T, D)``."""
+    return r["cell"], r["B"], r["H"], r["T"], r["D"]
+
+
 def with_best_unroll(records):
     """Add a "fast+unroll" record per point: the fast_u{k} with the least CPU time (see
     ``unroll_summary`` for why CPU time), replacing any earlier one."""
@@ -365,11 +364,11 @@ def with_best_unroll(records):
     points = {}
     for r in records:
         if r["impl"] == "jax_bptt" and (r["mode"] == "fast" or r["mode"].startswith("fast_u")):
-            points.setdefault((r["cell"], r["B"], r["H"], r["T"], r["D"]), []).append(r)
+            points.setdefault(_point(r), []).append(r)
     out = []
     for r in records:
         out.append(r)
-        fast = points.get((r["cell"], r["B"], r["H"], r["T"], r["D"]), [])
+        fast = points.get(_point(r), [])
         if len(fast) > 1 and r is fast[-1]:
             best = min(fast, key=lambda q: q["cpu_ms"])
             out.append({**best, "mode": "fast+unroll", "derived_from": best["mode"]})
@@ -439,16 +438,29 @@ def _ratio(a, b):
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def table(records, header: str) -> str:
-    lines = [header]
+def _vs(r, ref, key="ms") -> str:
+    """``r[key] / ref[key]`` as ``_ratio`` writes it ("-" without ``ref``)."""
+    return _ratio(r[key], None if ref is None else ref[key])
+
+
+def _groups(records) -> dict:
+    """Records by grid point ``(cell, B, H, T, D)``, in order of first appearance."""
     groups = {}
     for r in records:
-        groups.setdefault((r["B"], r["H"], r["T"], r["D"], r["cell"]), []).append(r)
-    for (b, h, t, d, cell), rows in groups.items():
-        by_mode = {r["mode"]: r for r in rows}
-        auto = by_mode.get("auto")
-        torch_row = next((r for r in rows if r["impl"] == "torch"), None)
-        flax_row = next((r for r in rows if r["impl"] == "flax"), None)
+        groups.setdefault(_point(r), []).append(r)
+    return groups
+
+
+def _by_name(rows) -> dict:
+    """A point's records by mode; the peers' as "torch" and "flax"."""
+    return {r["impl"] if r["impl"] in ("torch", "flax") else r["mode"]: r for r in rows}
+
+
+def table(records, header: str) -> str:
+    lines = [header]
+    for (cell, b, h, t, d), rows in _groups(records).items():
+        by = _by_name(rows)
+        auto = by.get("auto")
         lines.append("")
         lines.append(f"B={b} H={h} T={t} D={d}  cell={cell}")
         lines.append(
@@ -457,14 +469,10 @@ def table(records, header: str) -> str:
         )
         for r in rows:
             name = r["mode"] + (f" (k={r['unroll']})" if r["mode"] == "fast+unroll" else "")
-            auto_ms = auto["ms"] if auto else None
-            auto_tmp = auto["temp_bytes"] if auto else None
             lines.append(
-                f"  {name:<34} {r['ms']:9.2f} {_ratio(r['ms'], auto_ms):>8}"
-                f" {_ratio(r['ms'], torch_row['ms'] if torch_row else None):>9}"
-                f" {_ratio(r['ms'], flax_row['ms'] if flax_row else None):>8}"
-                f" {r['cpu_ms']:9.2f} {_ratio(r['cpu_ms'], auto['cpu_ms'] if auto else None):>8}"
-                f" {_mib(r['temp_bytes']):>9} {_ratio(r['temp_bytes'], auto_tmp):>9}"
+                f"  {name:<34} {r['ms']:9.2f} {_vs(r, auto):>8} {_vs(r, by.get('torch')):>9}"
+                f" {_vs(r, by.get('flax')):>8} {r['cpu_ms']:9.2f} {_vs(r, auto, 'cpu_ms'):>8}"
+                f" {_mib(r['temp_bytes']):>9} {_vs(r, auto, 'temp_bytes'):>9}"
             )
     return "\n".join(lines)
 
@@ -479,8 +487,7 @@ def unroll_summary(records) -> str:
     rows = {}
     for r in records:
         if r["impl"] == "jax_bptt" and r["mode"] in fast_modes:
-            key = (r["cell"], r["B"], r["H"], r["T"], r["D"])
-            rows.setdefault(key, {})[r["unroll"]] = (r["ms"], r["cpu_ms"])
+            rows.setdefault(_point(r), {})[r["unroll"]] = (r["ms"], r["cpu_ms"])
     if not rows:
         return ""
     ks = sorted({k for v in rows.values() for k in v})
@@ -511,17 +518,14 @@ def targets_summary(records) -> str:
     """Per grid point, the fast path against the targets: <= 0.5 x auto, faster than Flax (and
     than cuDNN for H >= 512 on a GPU). Beside it ``gemm_floor / auto``: at the same unroll (1),
     the best ratio any implementation made of XLA's GEMMs could reach on this device."""
-    points = {}
-    for r in records:
-        by = points.setdefault((r["cell"], r["B"], r["H"], r["T"], r["D"]), {})
-        by[r["impl"] if r["impl"] in ("torch", "flax") else r["mode"]] = r
     lines = [
         "",
         "targets, wall time (fast: best unroll k of the point; k=1 and the floor: unroll 1)",
         f"  {'cell':<11} {'B,H,T,D':<16} {'fast/auto':>9} {'<=0.5':>6} {'k=1/auto':>9}"
         f" {'floor/auto':>10} {'fast/flax':>9} {'<1':>4} {'fast/torch':>10}",
     ]
-    for (cell, *size), by in points.items():
+    for (cell, *size), rows in _groups(records).items():
+        by = _by_name(rows)
         fast, auto = by.get("fast+unroll") or by.get("fast"), by.get("auto")
         if fast is None or auto is None:
             continue
@@ -541,16 +545,11 @@ def targets_summary(records) -> str:
 
 def long_summary(records) -> str:
     """The checkpointing targets: temp memory vs auto, time vs the fast path, per cell."""
-    lines = []
+    lines, groups = [], _groups(records)
     for r in records:
         if r["mode"] != "checkpointed" or r["T"] < 16384:
             continue
-        same = {
-            q["mode"]: q
-            for q in records
-            if (q["cell"], q["B"], q["H"], q["T"], q["D"])
-            == (r["cell"], r["B"], r["H"], r["T"], r["D"])
-        }
+        same = _by_name(groups[_point(r)])
         auto, fast = same.get("auto"), same.get("fast_default")
         if auto is None or fast is None:
             continue
@@ -648,10 +647,7 @@ def parse_args(argv=None):
 def finish(args, records, report: str):
     """Print the report, write ``--txt`` and ``--json``; the records are main's result."""
     print(report)
-    if args.txt:
-        write_text(args.txt, report)
-    if args.json:
-        write_text(args.json, json.dumps(records, indent=1))
+    write_outputs(args, records, report)
     return records
 
 
@@ -675,9 +671,7 @@ def main(argv=None):
         pass
     header = make_header(device, vers, threads, args.repeats, args.long_repeats)
     print(header, flush=True)
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    if args.sizes:
-        grid = args.sizes
+    grid = args.sizes or (QUICK_GRID if args.quick else FULL_GRID)
     if args.pairs:  # the cells with a hand-written backward to derive
         load = "load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
         cells = [c for c in args.cells if c != "elman_tanh"]

@@ -21,18 +21,23 @@ Wall and process-CPU time per step: warm-up, ``block_until_ready``, median over 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
 from pathlib import Path
 
-from common import device_info, set_cpu_threads
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from bench import interleaved_medians, jax_timer
+from common import device_info, set_cpu_threads, write_outputs
+
+import jax_bptt as jb
+from jax_bptt import tasks
 
 
 def plain_step(vocab_size: int, hidden: int, optimizer):
     """The plain-JAX train step: params ``{"emb", "W_hh", "b", "W_hy", "b_y"}``."""
-    import jax
-    import jax.numpy as jnp
-    import optax
 
     def loss_fn(params, h0, xs, ys):
         def step(state, x):
@@ -70,15 +75,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         set_cpu_threads(args.threads)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from bench import interleaved_medians
-
-    import jax_bptt as jb
-    from jax_bptt import tasks
-
     text = tasks.load_corpus(None)
     vocab = tasks.build_vocab(text)
     stream = np.asarray(tasks.char_stream(vocab.encode(text), args.batch))
@@ -95,28 +91,20 @@ def main(argv=None) -> dict:
 
     plain = plain_step(vocab.size, args.hidden, optimizer)
     plain_state = optimizer.init(plain_params)
-    runs = {
-        "plain": lambda: jax.block_until_ready(
-            plain(plain_params, plain_state, xs, ys, (zeros, zeros))
-        )
-    }
+    runs = {"plain": jax_timer(plain, (plain_params, plain_state, xs, ys, (zeros, zeros)))}
     h0 = jb.init_state(params, args.batch, cell="lstm")
     for mode in args.modes.split(","):
         step = jb.make_train_step(
             optimizer, cell="lstm", loss="cross_entropy", mode=mode, truncation=(args.k1, args.k1)
         )
-        state = optimizer.init(params)
-        runs[f"library/{mode}"] = lambda step=step, state=state: jax.block_until_ready(
-            step(params, state, xs, ys, h0)
-        )
+        runs[f"library/{mode}"] = jax_timer(step, (params, optimizer.init(params), xs, ys, h0))
     # what the char LM's default regularisers (char_lm.Config) add to the fastest step
     step = jb.make_train_step(
         optimizer, cell="lstm", loss="cross_entropy", mode="fast", truncation=(args.k1, args.k1),
         output_dropout=0.2, weight_dropout=0.25,
     )  # fmt: skip
-    key, state = jax.random.key(1), optimizer.init(params)
-    runs["library/fast+drop"] = lambda: jax.block_until_ready(
-        step(params, state, xs, ys, h0, key=key)
+    runs["library/fast+drop"] = jax_timer(
+        functools.partial(step, key=jax.random.key(1)), (params, optimizer.init(params), xs, ys, h0)
     )
     # the same loss at the same params: both compute the same model
     plain_loss = float(plain(plain_params, plain_state, xs, ys, (zeros, zeros))[2])
@@ -140,10 +128,7 @@ def main(argv=None) -> dict:
         "config": vars(args) | {"json": None, "txt": None},
         "medians_ms": {k: {"wall": w, "cpu": c} for k, (w, c) in medians.items()},
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.txt:
-        args.txt.write_text(report + "\n")
+    write_outputs(args, result, report + "\n", indent=2)
     return result
 
 

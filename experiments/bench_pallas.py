@@ -29,13 +29,12 @@ Usage:
 from __future__ import annotations
 
 import functools
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
-from bench import PACKAGES, interleaved_medians, jax_inputs, torch_peer
-from common import POSITIVE, Parser, device_name, max_relative_error, versions, write_text
+from bench import PACKAGES, interleaved_medians, jax_inputs, jax_timer, torch_peer
+from common import POSITIVE, Parser, device_name, max_relative_error, versions, write_outputs
 from jax import lax
 
 from jax_bptt import ScanOptions, bptt, get_cell
@@ -136,7 +135,7 @@ def compile_or_error(candidates: dict) -> tuple[dict, dict]:
         except Exception as error:  # noqa: BLE001 - a kernel that does not fit is a result
             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             continue
-        runs[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+        runs[name] = jax_timer(fn, args)
     return runs, errors
 
 
@@ -144,16 +143,11 @@ def time_candidates(kind, cell_name, size, candidates, peer, repeats):
     runs, errors = compile_or_error(candidates)
     if peer is not None:  # bench.torch_peer's (name, run, ...)
         runs[peer[0]] = peer[1]
-    medians = interleaved_medians(runs, repeats)
     base = dict(kind=kind, cell=cell_name, **dict(zip("BHTD", size, strict=True)))
-    steps = size[2]
-    records = []
-    for name, median in medians.items():
-        # bench.interleaved_medians gives (wall ms, process-CPU ms) per candidate
-        wall, cpu = median if isinstance(median, tuple) else (median, None)
-        records.append(
-            dict(base, candidate=name, ms=wall, cpu_ms=cpu, us_per_step=1e3 * wall / steps)
-        )
+    records = [
+        dict(base, candidate=name, ms=wall, cpu_ms=cpu, us_per_step=1e3 * wall / size[2])
+        for name, (wall, cpu) in interleaved_medians(runs, repeats).items()
+    ]
     records += [dict(base, candidate=name, error=msg) for name, msg in errors.items()]
     return records
 
@@ -203,27 +197,21 @@ def table(records) -> str:
         groups.setdefault(key, []).append(r)
     for (kind, cell, b, h, t, d), rows in groups.items():
         lines.append(f"\n{kind}: cell={cell} B={b} H={h} T={t} D={d}")
-        if kind == "accuracy":
-            for r in rows:
-                if "error" in r:
-                    lines.append(f"  {r['candidate']:<22} {r['error']}")
-                else:
-                    lines.append(
-                        f"  {r['candidate']:<22} states rel err {r['states_rel_err']:9.2e}"
-                        f"   grads rel err {r['grads_rel_err']:9.2e}"
-                    )
-            continue
-        timed = [r for r in rows if "ms" in r]
-        best_xla = min((r["ms"] for r in timed if r["candidate"].startswith("xla")), default=None)
-        lines.append(f"  {'candidate':<22} {'ms':>9} {'us/step':>9} {'vs best xla':>12}")
+        xla = [r["ms"] for r in rows if "ms" in r and r["candidate"].startswith("xla")]
+        if kind != "accuracy":
+            lines.append(f"  {'candidate':<22} {'ms':>9} {'us/step':>9} {'vs best xla':>12}")
         for r in rows:
             if "error" in r:
-                lines.append(f"  {r['candidate']:<22} {r['error']}")
-                continue
-            ratio = "-" if best_xla is None else f"{r['ms'] / best_xla:.2f}"
-            lines.append(
-                f"  {r['candidate']:<22} {r['ms']:9.3f} {r['us_per_step']:9.2f} {ratio:>12}"
-            )
+                text = r["error"]
+            elif kind == "accuracy":
+                text = (
+                    f"states rel err {r['states_rel_err']:9.2e}"
+                    f"   grads rel err {r['grads_rel_err']:9.2e}"
+                )
+            else:
+                ratio = f"{r['ms'] / min(xla):.2f}" if xla else "-"
+                text = f"{r['ms']:9.3f} {r['us_per_step']:9.2f} {ratio:>12}"
+            lines.append(f"  {r['candidate']:<22} {text}")
     return "\n".join(lines)
 
 
@@ -287,11 +275,9 @@ def main(argv=None):
                 records += got
     for r in records:
         r.update(device=device, versions=vers, interpret=interpret)
-    print("\n" + "=" * 80 + "\n" + header + table(records))
-    if args.json:
-        write_text(args.json, json.dumps(records, indent=1))
-    if args.txt:
-        write_text(args.txt, header + table(records) + "\n")
+    report = header + table(records)
+    print("\n" + "=" * 80 + "\n" + report)
+    write_outputs(args, records, report + "\n")
     return records
 
 

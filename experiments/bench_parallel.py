@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import time
@@ -53,8 +52,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench import interleaved_medians  # 3 warm-up runs, interleaved rounds
-from common import POSITIVE, cpu_model, device_name, set_cpu_threads, versions, write_text
+from bench import compile_measured, interleaved_medians, jax_timer
+from common import POSITIVE, cpu_model, device_name, set_cpu_threads, versions, write_outputs
 
 from jax_bptt import cells
 from jax_bptt.deer import deer_unroll, lyapunov_exponent
@@ -126,15 +125,6 @@ def candidate(cell, mode, with_grad, max_iters):
     return loss
 
 
-def compile_with_memory(fn, args):
-    compiled = jax.jit(fn).lower(*args).compile()
-    try:
-        temp = int(compiled.memory_analysis().temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 -- a backend without memory_analysis
-        temp = None
-    return compiled, temp
-
-
 def info_fields(info) -> dict:
     fields = dict(iterations=int, converged=bool, fell_back=bool, residual=float)
     return {k: None if info is None else kind(getattr(info, k)) for k, kind in fields.items()}
@@ -167,15 +157,11 @@ def measure_point(cell_name, weights, steps, hidden, cfg, with_grad, jacobian_mi
     for mode in modes:
         if reasons[mode]:
             continue
-        compiled, temp = compile_with_memory(candidate(cell, mode, with_grad, max_iters), args)
+        compiled, temp = compile_measured(candidate(cell, mode, with_grad, max_iters), *args)
         out = compiled(*args)
         info = out[0][1] if with_grad else out[1]
         meta[mode] = dict(temp_bytes=temp, **info_fields(info))
-
-        def run(compiled=compiled):
-            jax.block_until_ready(compiled(*args))
-
-        runs[mode] = run
+        runs[mode] = jax_timer(compiled, args)
     medians = interleaved_medians(runs, cfg["repeats"])
     records = []
     for mode in modes:
@@ -328,10 +314,7 @@ def main(argv=None) -> dict:
         max_iters_cap=MAX_ITERS, jacobian_mib=args.jacobian_mib, elapsed_s=elapsed,
         load_average_end=load_average(), records=records,
     )  # fmt: skip
-    if args.json:
-        write_text(args.json, json.dumps(result, indent=1))
-    if args.txt:
-        write_text(args.txt, "\n".join(out_lines) + "\n")
+    write_outputs(args, result, "\n".join(out_lines) + "\n")
     return result
 
 

@@ -68,18 +68,18 @@ from common import (
     fresh_dir,
     make_run_dir,
     model_kwargs,
+    model_options,
     parse_model_args,
     place_step,
     plot_curves,
-    read_metrics,
     scan_options,
-    write_json,
 )
 
 import jax_bptt as jb
 from jax_bptt import tasks
 from jax_bptt.checkpoints import (
     atomic_write_bytes,
+    atomic_write_json,
     has_checkpoint,
     load_checkpoint,
     model_signature,
@@ -104,9 +104,7 @@ class Config:
     checkpoint_minutes: float | None = 1.0  # and checkpoint this often
     optimizer: str = "adam"
     lr: float = 4e-3  # the peak of the schedule
-    schedule: str = (
-        "cosine"  # "cosine": linear warm-up, cosine decay to lr/20 at --steps; "constant"
-    )
+    schedule: str = "cosine"  # linear warm-up, cosine decay to lr/20 at --steps; or "constant"
     warmup: int = 100  # steps of linear warm-up (cosine schedule)
     clip_norm: float | None = 1.0
     clip_value: float | None = None
@@ -157,10 +155,6 @@ class Corpus(NamedTuple):
     vocab: tasks.CharVocab
     train_ids: np.ndarray
     val_ids: np.ndarray
-
-
-def model_options(config: Config) -> dict:
-    return {name: getattr(config, name) for name in MODEL_DEFAULTS}
 
 
 def make_parser() -> Parser:
@@ -233,13 +227,12 @@ def parse_args(argv=None) -> tuple[Config | None, object]:
     if args.resume and args.out is None:
         parser.error("--resume needs the --out folder of the run to continue")
     defaults = Config()
+    # the flags that were given; those whose default is the Config's (or None) change nothing
+    flags = ("hidden", "batch", "k1", "k2", "steps", "eval_every", "cell", "data", "text", "warmup")
+    flags += ("weight_decay", "schedule", "output_dropout", "weight_dropout", "temperature")
     config = config_from_args(
-        defaults, args, quick=QUICK, flags=("hidden", "batch", "k1", "k2", "steps", "eval_every"),
-        cell=args.cell, data=args.data, clip_value=args.clip_value or None,
-        weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
-        output_dropout=args.output_dropout, weight_dropout=args.weight_dropout,
-        temperature=args.temperature, max_minutes=args.max_minutes or None,
-        checkpoint_minutes=args.checkpoint_minutes or None, text=args.text,
+        defaults, args, quick=QUICK, flags=flags, clip_value=args.clip_value or None,
+        max_minutes=args.max_minutes or None, checkpoint_minutes=args.checkpoint_minutes or None,
         forget_bias=defaults.forget_bias if args.cell == "lstm" else None,
     )  # fmt: skip
     if config.k2 is None:
@@ -522,7 +515,7 @@ def main(argv=None) -> dict:
     if args.resume:
         start_step = read_metadata(run_dir)["step"] if has_checkpoint(run_dir) else 0
     else:
-        write_json(run_dir / "config.json", record)
+        atomic_write_json(run_dir / "config.json", record)
     evals_done = truncate_samples(run_dir / "samples.txt", start_step)
     print(
         f"char_lm: {config.cell} H={config.hidden}, {describe_model(options)}, {vocab.size} chars, "
@@ -562,7 +555,8 @@ def main(argv=None) -> dict:
         time_limit_s=None if config.max_minutes is None else 60.0 * config.max_minutes,
         desc="char_lm",
     )
-    history = read_metrics(run_dir / METRICS)  # the whole run, also across resumes
+    with open(run_dir / METRICS, encoding="utf-8") as f:  # the whole run, also across resumes
+        history = [json.loads(line) for line in f if line.strip()]
     evals = [r for r in history if r["kind"] == "eval"]
     trains = [r for r in history if r["kind"] == "train" and r["loss"] is not None]
     final = evals[-1]
@@ -577,7 +571,7 @@ def main(argv=None) -> dict:
         "wall_time_s": time.perf_counter() - started,
         "train_tokens_per_s_last": trains[-1].get("tokens_per_s") if trains else None,
     }
-    write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / "summary.json", summary)
     plot_curves(
         run_dir / "loss_curve.png",
         [

@@ -1,6 +1,6 @@
 """Shared helpers for the experiment scripts: a command line whose errors are one line (exit
 code 2) with range-checked numbers, the model flags every training experiment shares, output
-folders, JSON, tables and plots.
+folders, the benchmarks' --json and --txt files, tables and plots.
 
 The model itself (init, loss, prediction, sampling) is the package's public API: ``init_model``,
 ``model_loss``, ``predict``, ``generate``; nothing model-shaped lives here.
@@ -22,7 +22,6 @@ import jax
 
 import jax_bptt as jb
 from jax_bptt.check import relative_error
-from jax_bptt.checkpoints import atomic_write_json
 from jax_bptt.train import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +209,11 @@ def config_from_args(defaults, args, *, quick: dict, flags, **values):
     return dataclasses.replace(defaults, **{**overrides, **shared, **values})
 
 
+def model_options(config) -> dict:
+    """A run config's ``MODEL_DEFAULTS`` fields, as ``parse_model_args`` returns them."""
+    return {name: getattr(config, name) for name in MODEL_DEFAULTS}
+
+
 def parse_model_args(parser, args, *, batch: int) -> dict:
     """The model options ``{layers, bidirectional, dropout, residual, devices, unroll}`` from
     ``add_model_args``'s flags (``MODEL_DEFAULTS`` for those not given), ``parser.error`` on a
@@ -367,14 +371,13 @@ def write_text(path, text: str) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` written by ``jax_bptt.fit``."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def write_outputs(args, obj, text: str, indent: int = 1, **dumps) -> None:
+    """Write ``text`` to ``args.txt`` and ``obj`` as JSON (``json.dumps(obj, indent=indent,
+    **dumps)``) to ``args.json``, each if given."""
+    if args.txt:
+        write_text(args.txt, text)
+    if args.json:
+        write_text(args.json, json.dumps(obj, indent=indent, **dumps))
 
 
 def max_relative_error(candidate, reference) -> float:

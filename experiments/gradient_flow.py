@@ -265,10 +265,8 @@ def main(argv=None) -> dict:
     cfg = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    packages = ", ".join(
-        f"{name} {version}"
-        for name, version in versions(("jax", "optax", "numpy", "matplotlib")).items()
-    )
+    vers = versions(("jax", "optax", "numpy", "matplotlib"))
+    packages = ", ".join(f"{name} {version}" for name, version in vers.items())
     summary = dict(device=device_name(), versions=packages, quick=args.quick, config=cfg)
     lines = [f"device: {summary['device']}", f"versions: {summary['versions']}", ""]
     lines += tanh_sweep(cfg, args.out, summary) + [""]

@@ -35,7 +35,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -52,7 +51,7 @@ from common import (
     int_list,
     markdown_table,
     max_relative_error,
-    write_text,
+    write_outputs,
 )
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -351,10 +350,7 @@ def main(argv=None):
         )
         report(lines, title, result["tp"])
 
-    if args.txt:
-        write_text(args.txt, "\n".join(lines))
-    if args.json:
-        write_text(args.json, json.dumps(result, indent=1, default=str))
+    write_outputs(args, result, "\n".join(lines), default=str)
     return result
 
 

@@ -34,15 +34,15 @@ from common import (
     make_run_dir,
     markdown_table,
     model_kwargs,
+    model_options,
     parse_model_args,
     place_step,
     plot_curves,
     scan_options,
-    write_json,
 )
 
 import jax_bptt as jb
-from jax_bptt.checkpoints import model_signature
+from jax_bptt.checkpoints import atomic_write_json, model_signature
 
 
 @dataclasses.dataclass
@@ -74,8 +74,7 @@ class Config:
 
     @property
     def model_options(self) -> dict:
-        names = ("layers", "bidirectional", "dropout", "residual", "devices", "unroll", "dtype")
-        return {name: getattr(self, name) for name in names}
+        return model_options(self)
 
     @property
     def lrs(self) -> dict:
@@ -175,7 +174,7 @@ class Sweep:
             "device": device_info(), "wall_time_s": time.perf_counter() - started,
             "argv": sys.argv if argv is None else list(argv),
         }  # fmt: skip
-        write_json(run_dir / "results.json", summary)
+        atomic_write_json(run_dir / "results.json", summary)
         (run_dir / "results.md").write_text(
             f"{self.title or self.name} ({config.steps} steps, batch {config.batch}, hidden "
             f"{config.hidden}, {config.optimizer} lr {config.lr} (irnn "
