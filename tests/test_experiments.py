@@ -417,6 +417,22 @@ def test_bench_pairs_smoke_run(tmp_path):
     assert "candidate / baseline" in Path(str(out) + ".txt").read_text()
 
 
+def test_ab_main_quick_run(tmp_path):
+    """The same-run A/B against the pre-redesign tree: both trees give the same loss and
+    gradients (``ab_main`` raises otherwise) and every point has both times."""
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", "7e765ca^{commit}"]).returncode:
+        pytest.skip("this checkout has no history back to 7e765ca (a shallow clone)")
+    import ab_main
+
+    out = tmp_path / "ab.json"
+    ab_main.main(["--quick", "--json", str(out)])
+    points = json.loads(out.read_text())["points"]
+    assert [(p["cell"], p["mode"]) for p in points] == [
+        (cell, mode) for cell in bench.CELLS for mode in ab_main.MODES
+    ]
+    assert all(p["old_ms"] > 0 and p["new_ms"] > 0 for p in points)
+
+
 def test_gemm_floor_has_the_gradients_shapes():
     params, h0, xs, ys = bench.jax_inputs("lstm", 3, 4, 5, 2)
     d_params, d_h0, d_xs = jax.jit(bench.gemm_floor)(params, h0, xs, ys)
