@@ -112,10 +112,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    # The rename itself must reach the disk for the new file to survive a power cut.
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -124,18 +131,6 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself must reach the disk for the new file to survive a power cut.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -209,15 +204,7 @@ def save_checkpoint(
     return meta_path
 
 
-def _signature_diff(saved: dict, expected: dict) -> list[str]:
-    return [
-        f"{name}: checkpoint has {saved.get(name)!r}, this run has {expected.get(name)!r}"
-        for name in sorted(set(saved) | set(expected))
-        if saved.get(name) != expected.get(name)
-    ]
-
-
-def _restore(group: str, template, arrays, count: int, where: str):
+def _restore(group: str, template, arrays, count: int, where: Path):
     leaves, treedef = jax.tree_util.tree_flatten(template)
     if len(leaves) != count:
         raise ValueError(
@@ -267,29 +254,34 @@ def load_checkpoint(
     if not has_checkpoint(directory):
         raise FileNotFoundError(f"no checkpoint ({METADATA}) in {directory}")
     metadata = read_metadata(directory)
-    where = str(directory)
-    diff = _signature_diff(metadata["signature"], signature)
+    saved = metadata["signature"]
+    diff = [
+        f"{name}: checkpoint has {saved.get(name)!r}, this run has {signature.get(name)!r}"
+        for name in sorted(set(saved) | set(signature))
+        if saved.get(name) != signature.get(name)
+    ]
     if diff:
         raise ValueError(
-            f"checkpoint in {where} is from an incompatible model:\n  " + "\n  ".join(diff)
+            f"checkpoint in {directory} is from an incompatible model:\n  " + "\n  ".join(diff)
         )
     if not isinstance(metadata.get("arrays"), str) or not _ARRAY_FILE.match(metadata["arrays"]):
         raise ValueError(
-            f"checkpoint {where}: metadata names the array file {metadata.get('arrays')!r}, not a "
-            "ckpt-*.npz in the same directory"
+            f"checkpoint {directory}: metadata names the array file {metadata.get('arrays')!r}, "
+            "not a ckpt-*.npz in the same directory"
         )
     array_path = directory / metadata["arrays"]
     if not array_path.is_file():
-        raise ValueError(f"checkpoint {where}: its array file {metadata['arrays']} is missing")
+        raise ValueError(f"checkpoint {directory}: its array file {metadata['arrays']} is missing")
     data = array_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != metadata["sha256"]:
         raise ValueError(f"checkpoint arrays {array_path} do not match their recorded SHA-256")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    counts = metadata["leaves"]
-    params = _restore("params", params_template, arrays, counts["params"], where)
-    opt_state = _restore("opt_state", opt_state_template, arrays, counts["opt_state"], where)
-    carry = _restore("carry", carry_template, arrays, counts["carry"], where)
+    templates = (params_template, opt_state_template, carry_template)
+    params, opt_state, carry = (
+        _restore(group, template, arrays, metadata["leaves"][group], directory)
+        for group, template in zip(_GROUPS, templates, strict=True)
+    )
     key_data = jnp.asarray(np.asarray(metadata["key_data"], np.uint32))
     impl = metadata["key_impl"]
     key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)

@@ -88,12 +88,11 @@ def _init(key, cell, input_size, hidden_size, output_size, num_layers, direction
     *layer_keys, k_readout = jax.random.split(key, num_layers * directions + 1)
     layers, layer_input = [], input_size
     for layer in range(num_layers):
-        names = [name for name, _ in DIRECTIONS][:directions]
         keys = layer_keys[layer * directions : (layer + 1) * directions]
         layers.append(
             {
                 name: cell.init(k, layer_input, hidden_size, dtype, *init)
-                for name, k in zip(names, keys, strict=True)
+                for (name, _), k in zip(DIRECTIONS[:directions], keys, strict=True)
             }
         )
         layer_input = directions * hidden_size
@@ -148,11 +147,9 @@ def init_model(
     check_choice("recurrent_init", recurrent_init, ("uniform", "orthogonal", "identity"))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
-    init = (recurrent_init,)
-    if forget_bias is not None:
-        if cell.name != "lstm":
-            raise ValueError(f"forget_bias applies to the lstm cell only, got cell={cell.name!r}")
-        init = (recurrent_init, float(forget_bias))
+    if forget_bias is not None and cell.name != "lstm":
+        raise ValueError(f"forget_bias applies to the lstm cell only, got cell={cell.name!r}")
+    init = (recurrent_init,) if forget_bias is None else (recurrent_init, float(forget_bias))
     directions = 2 if bidirectional else 1
     return _init(
         key, cell, input_size, hidden_size, output_size, num_layers, directions, jnp.dtype(dtype),
@@ -305,13 +302,6 @@ class LayerTape(NamedTuple):
     states: dict | None = None  # direction -> every step's state, with all_states
 
 
-def _restarts(resets, reverse: bool, h_reset, layer: int, name: str) -> tuple:
-    """``(restart, h_reset)`` for one layer and direction, ``(None, None)`` without resets."""
-    if resets is None:
-        return None, None
-    return restart_mask(resets, reverse), h_reset[layer][name]
-
-
 def stack_forward(
     cell, options, layers, h0, xs, lengths, drops, residual, run=run_scan, resets=None,
     h_reset=None, *, all_states=False,
@@ -327,10 +317,10 @@ def stack_forward(
     for i, layer in enumerate(layers):
         outs, runs, final, states = [], {}, {}, {}
         for name, reverse in _directions(layer):
-            restarts = _restarts(resets, reverse, h0 if h_reset is None else h_reset, i, name)
+            reset_to = None if resets is None else (h0 if h_reset is None else h_reset)[i][name]
             stacked, final[name], runs[name] = run(
                 cell, options, layer[name], inputs, h0[i][name], lengths, reverse, all_states,
-                *restarts,
+                restart_mask(resets, reverse), reset_to,
             )  # fmt: skip
             states[name] = stacked
             outs.append(cell.hidden(stacked) if all_states else stacked)

@@ -40,15 +40,15 @@ from jax_bptt.backends import check_options
 from jax_bptt.cells import get_cell
 from jax_bptt.checkpoints import (
     METADATA,
+    Checkpoint,
     atomic_write_bytes,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from jax_bptt.losses import check_loss
 from jax_bptt.model import inverted_dropout_mask
-from jax_bptt.modes import CORES, bptt
-from jax_bptt.truncated import Truncation, check_truncation, window_grads
+from jax_bptt.modes import bptt
+from jax_bptt.truncated import Truncation, check_mode_and_loss, check_truncation, window_grads
 from jax_bptt.validation import RESIDUALS, check_choice
 
 METRICS = "metrics.jsonl"
@@ -255,8 +255,7 @@ def make_train_step(
       >>> params, opt_state, info = step(params, opt.init(params), xs, ys)
     """
     cell = get_cell(cell)
-    check_choice("mode", mode, tuple(CORES))
-    loss = check_loss(loss)
+    loss = check_mode_and_loss(mode, loss, truncated=truncation is not None)
     options = check_options(options)
     rates = (("dropout", dropout), ("output_dropout", output_dropout))
     for name, value in (*rates, ("weight_dropout", weight_dropout)):
@@ -266,8 +265,6 @@ def make_train_step(
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     if truncation is not None:
         truncation = check_truncation(*truncation)
-        if loss.placement != "per_step":
-            raise ValueError(f"truncated BPTT needs placement='per_step', got {loss.placement!r}")
     gradients = _gradient_fn(
         cell=cell, loss=loss, mode=mode, options=options, truncation=truncation,
         dropout=dropout, residual=residual, time_major=time_major, output_dropout=output_dropout,
@@ -336,50 +333,38 @@ def _truncate_metrics(path: Path, last_step: int) -> int | None:
     return last_eval
 
 
-class _Restored(NamedTuple):
-    params: Any
-    opt_state: Any
-    carry: Any
-    step: int
-    skipped: int
-    key: jax.Array
-    last_eval: int | None = None  # the step of the last evaluation already logged
-
-
-def _start(run_dir: Path, resume: bool, params, opt_state, key, signature, init_carry) -> _Restored:
-    """Where a run starts: step 0, or (``resume``) the last checkpoint; the metrics after it are
-    dropped, since the resumed run redoes those steps and logs them again."""
+def _start(
+    run_dir: Path, resume: bool, params, opt_state, key, signature, init_carry
+) -> tuple[Checkpoint, int | None]:
+    """Where a run starts: step 0, or (``resume``) the last checkpoint; and the step of the last
+    evaluation already logged. The metrics after the start are dropped, since the resumed run
+    redoes those steps and logs them again."""
     if not resume and ((run_dir / METRICS).exists() or (run_dir / METADATA).exists()):
         raise FileExistsError(
             f"{run_dir} already holds a run; pass resume=True to continue it or choose a new "
             "directory"
         )
-    start = _Restored(params, opt_state, init_carry, 0, 0, key)
     if resume and has_checkpoint(run_dir):
-        ckpt = load_checkpoint(
+        start = load_checkpoint(
             run_dir,
             params_template=params,
             opt_state_template=opt_state,
             signature=signature,
             carry_template=init_carry,
         )
-        start = _Restored(
-            ckpt.params, ckpt.opt_state, ckpt.carry, ckpt.step, ckpt.skipped, ckpt.key
-        )
+    else:
+        start = Checkpoint(0, params, opt_state, init_carry, key, 0, {})
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        start = start._replace(last_eval=_truncate_metrics(run_dir / METRICS, start.step))
-    return start
+    return start, (_truncate_metrics(run_dir / METRICS, start.step) if resume else None)
 
 
 class _Progress:
     """A tqdm bar on a terminal; plain lines (one per logged window) when output is a file."""
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.interactive = enabled and sys.stderr.isatty()
         self.enabled, self.desc, self.total = enabled, desc, total
         self.bar = None
-        if self.interactive:
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm  # an "experiments" extra; imported only for a terminal
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
@@ -388,9 +373,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.n = done
             self.bar.set_postfix(shown)  # also refreshes the bar
-        elif self.enabled:
+        else:
             text = " ".join(f"{k}={v}" for k, v in shown.items())
-            print(f"{self.desc} {done}/{self.total} {text}", file=sys.stderr, flush=True)
+            self.write(f"{self.desc} {done}/{self.total} {text}")
 
     def write(self, message: str) -> None:
         if self.bar is not None:
@@ -459,7 +444,9 @@ def fit(
       "reason"}``.
     """
     run_dir = Path(run_dir)
-    state = _start(run_dir, resume, params, optimizer.init(params), key, signature, init_carry)
+    state, last_eval = _start(
+        run_dir, resume, params, optimizer.init(params), key, signature, init_carry
+    )
     params, opt_state, carry, skipped, key = (
         state.params, state.opt_state, state.carry, state.skipped, state.key,
     )  # fmt: skip
@@ -494,7 +481,7 @@ def fit(
     window_losses, window_norms = [], []
     started = window_start = last_checkpoint = time.perf_counter()
     window_first = done = state.step
-    stopped_early, last_eval = False, state.last_eval
+    stopped_early = False
     try:
         for step in range(state.step, num_steps):
             step_key = jax.random.fold_in(key, step)
@@ -526,12 +513,11 @@ def fit(
                     "steps_per_s": rate,
                     "elapsed_s": now - started,
                 }
-                if tokens_per_step:
-                    record["tokens_per_s"] = rate * tokens_per_step
-                log(record)
                 shown = {"loss": f"{record['loss'] or float('nan'):.4f}"}
                 if tokens_per_step:
+                    record["tokens_per_s"] = rate * tokens_per_step
                     shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                log(record)
                 bar.update(done, shown)
                 window_losses, window_norms = [], []
                 window_start, window_first = now, done

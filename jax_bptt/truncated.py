@@ -110,11 +110,6 @@ def _states_at(tapes, h_start, index: int) -> list:
     return [{"fwd": jax.tree_util.tree_map(lambda s: s[index], t.runs["fwd"][0])} for t in tapes]
 
 
-def _slice_tapes(tapes, stop: int):
-    """The tapes of the window's first ``stop`` steps."""
-    return jax.tree_util.tree_map(lambda a: a[:stop], tapes)
-
-
 def _window_loss(
     params, h_start, xs, targets, drops, resets, h_reset, *, cell, loss, residual, options, k1
 ):
@@ -154,21 +149,23 @@ def _window_core(
 
     _, tapes = _window_loss(params, h_start, xs, targets, drops, resets, h_reset, k1=k1, **static)
     prefix = num_steps - k1  # steps that only carry the gradient further back
+
+    def head(tree):  # the prefix's steps of every leaf (None stays None)
+        return jax.tree.map(lambda a: a[:prefix], tree)
+
+    def tail(tree):
+        return jax.tree.map(lambda a: a[prefix:], tree)
+
     h_tail = _states_at(tapes, h_start, prefix - 1)
-    tail = jax.tree.map(lambda d: d[prefix:], drops)
-    head_resets, tail_resets = (
-        (None, None) if resets is None else (resets[:prefix], resets[prefix:])
-    )
     grads, _ = CORES[mode](
-        params, h_tail, xs[prefix:], targets[prefix:], None, tail, tail_resets, h_reset, **static
+        params, h_tail, tail(xs), tail(targets), None, tail(drops), tail(resets), h_reset, **static
     )
     d_params = grads.params
     if prefix > 0:  # no loss term before the tail: only d h_tail flows back through the prefix
         features = params["readout"]["W_hy"].shape[0]
         d_layers, _, _ = stack_backward(
-            cell, options, params["layers"], h_start, _slice_tapes(tapes, prefix), None,
-            jax.tree.map(lambda d: d[:prefix], drops), residual,
-            jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0, head_resets, h_reset,
+            cell, options, params["layers"], h_start, head(tapes), None, head(drops), residual,
+            jnp.zeros((prefix, xs.shape[1], features), xs.dtype), grads.h0, head(resets), h_reset,
         )  # fmt: skip
         d_params = {
             **d_params,
@@ -178,10 +175,11 @@ def _window_core(
     return WindowResult(grads.loss, d_params, jax.lax.stop_gradient(carry))
 
 
-def _check_mode_and_loss(mode, loss) -> Loss:
+def check_mode_and_loss(mode, loss, truncated: bool = True) -> Loss:
+    """``mode`` one of ``CORES``; the checked ``loss``, per-step when ``truncated``."""
     check_choice("mode", mode, tuple(CORES))
     loss = check_loss(loss)
-    if loss.placement != "per_step":
+    if truncated and loss.placement != "per_step":
         raise ValueError(f"truncated BPTT needs loss.placement='per_step', got {loss.placement!r}")
     return loss
 
@@ -228,7 +226,7 @@ def window_grads(
       from (see the module docstring).
     """
     k1, k2 = check_truncation(k1, k2)
-    loss = _check_mode_and_loss(mode, loss)
+    loss = check_mode_and_loss(mode, loss)
     run = prepare(
         params, xs, cell=cell, lengths=None, h0=h0, dropout=dropout, key=key,
         residual=residual, options=options, time_major=time_major, resets=resets,
@@ -303,7 +301,7 @@ def truncated_bptt(
         raise ValueError(
             f"xs must have shape (T, B, D) (or token ids (T, B)) for truncated BPTT, got {shape}"
         )
-    loss = _check_mode_and_loss(mode, loss)
+    loss = check_mode_and_loss(mode, loss)
     xs = to_time_major(xs, time_major, len(shape))
     targets = to_time_major(targets, time_major, 3 if loss.kind == "mse" else 2)
     resets = to_time_major(resets, time_major, 2)
