@@ -314,6 +314,11 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN/inf
 
 
+def _mean_or_none(values: list) -> float | None:
+    """The mean of a log window's finite steps; None when every step in it was skipped."""
+    return _json_float(sum(values) / len(values)) if values else None
+
+
 def _truncate_metrics(path: Path, last_step: int) -> int | None:
     """Drop records after ``last_step``: a resumed run redoes those steps and logs them again.
     Returns the step of the last kept evaluation (so a finished run is not evaluated twice)."""
@@ -439,9 +444,9 @@ def fit(
 
     Metrics records (one JSON object per line), all with ``"step"`` (steps done):
       ``{"kind": "train", "loss", "grad_norm", "skipped", "steps_per_s", "tokens_per_s",
-      "elapsed_s"}``, ``{"kind": "eval", **eval_fn(params)}``, ``{"kind": "nonfinite",
-      "loss"}`` for each skipped update, ``{"kind": "resumed"}`` and ``{"kind": "stopped",
-      "reason"}``.
+      "elapsed_s"}`` (means over the window's finite steps; null when all were skipped),
+      ``{"kind": "eval", **eval_fn(params)}``, ``{"kind": "nonfinite", "loss"}`` for each skipped
+      update, ``{"kind": "resumed"}`` and ``{"kind": "stopped", "reason"}``.
     """
     run_dir = Path(run_dir)
     state, last_eval = _start(
@@ -507,13 +512,13 @@ def fit(
                 record = {
                     "kind": "train",
                     "step": done,
-                    "loss": _json_float(sum(window_losses) / max(len(window_losses), 1)),
-                    "grad_norm": _json_float(sum(window_norms) / max(len(window_norms), 1)),
+                    "loss": _mean_or_none(window_losses),
+                    "grad_norm": _mean_or_none(window_norms),
                     "skipped": skipped,
                     "steps_per_s": rate,
                     "elapsed_s": now - started,
                 }
-                shown = {"loss": f"{record['loss'] or float('nan'):.4f}"}
+                shown = {"loss": "nan" if record["loss"] is None else f"{record['loss']:.4f}"}
                 if tokens_per_step:
                     record["tokens_per_s"] = rate * tokens_per_step
                     shown["tok/s"] = f"{record['tokens_per_s']:.0f}"

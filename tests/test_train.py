@@ -482,17 +482,21 @@ def test_nonfinite_steps_are_counted_and_logged(tmp_path):
 
     def poisoned(key, step_index, carry):
         batch = batch_fn(key, step_index, carry)
-        if step_index == 2:
+        if step_index in (2, 3):
             batch["xs"] = np.full_like(batch["xs"], np.nan)
         return batch
 
     result = _fit(tmp_path / "run", 5, batch_fn=poisoned)
-    assert result.skipped == 1
+    assert result.skipped == 2
     trained = (result.params, result.opt_state, result.carry)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(trained))
     records = _records(tmp_path / "run")
-    assert [r["step"] for r in records if r["kind"] == "nonfinite"] == [3]
-    assert records[-1]["skipped"] == 1
+    assert [r["step"] for r in records if r["kind"] == "nonfinite"] == [3, 4]
+    assert records[-1]["skipped"] == 2
+    # a log window whose every step was skipped has no mean loss (not 0.0); the others do
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert train[4]["loss"] is None and train[4]["grad_norm"] is None
+    assert all(train[step]["loss"] > 0 and train[step]["grad_norm"] > 0 for step in (2, 5))
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
