@@ -100,10 +100,6 @@ class ScanOptions(NamedTuple):
     compute_dtype: str | None = None
 
 
-_BUILTIN = {"xla": Backend(scan_states, backward_deltas)}
-_REGISTERED: dict[str, Backend] = {}
-
-
 @functools.cache  # built once, on first use: every trace then gets the same kernels
 def _pallas() -> Backend:
     from jax_bptt import pallas_rnn  # imported on demand: Pallas is heavy and GPU-only in use
@@ -112,16 +108,18 @@ def _pallas() -> Backend:
     return Backend(kernels.scan_states, kernels.backward_deltas)
 
 
-_LAZY = {"pallas": _pallas}
+# the built-in backends' makers (Pallas's kernels are built on first use)
+_BUILTIN = {"xla": lambda: Backend(scan_states, backward_deltas), "pallas": _pallas}
+_REGISTERED: dict[str, Backend] = {}
 
 
 def backend_names() -> tuple[str, ...]:
-    return (*_BUILTIN, *_LAZY, *_REGISTERED)
+    return (*_BUILTIN, *_REGISTERED)
 
 
 def register_backend(name: str, backend: Backend) -> None:
     """Make ``ScanOptions(backend=name)`` available for a ``Backend`` of your own."""
-    if not isinstance(name, str) or not name or name in (*_BUILTIN, *_LAZY, "auto"):
+    if not isinstance(name, str) or not name or name in (*_BUILTIN, "auto"):
         raise ValueError(f"backend name must be a new non-empty str, got {name!r}")
     if not isinstance(backend, Backend) or not all(map(callable, backend)):
         raise TypeError(f"backend must be a Backend of two callables, got {backend!r}")
@@ -130,9 +128,7 @@ def register_backend(name: str, backend: Backend) -> None:
 
 def get_backend(name: str) -> Backend:
     if name in _BUILTIN:
-        return _BUILTIN[name]
-    if name in _LAZY:
-        return _LAZY[name]()
+        return _BUILTIN[name]()
     if name in _REGISTERED:
         return _REGISTERED[name]
     raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
@@ -151,7 +147,7 @@ def check_options(options) -> ScanOptions:
         return ScanOptions()
     if not isinstance(options, ScanOptions):
         raise TypeError(f"options must be a jax_bptt.ScanOptions, got {type(options).__name__}")
-    if not (options.unroll is None or options.unroll is True):
+    if options.unroll is not True:
         _int_or_none("unroll", options.unroll)
     _int_or_none("chunk_length", options.chunk_length)
     _int_or_none("segment_length", options.segment_length)
@@ -214,10 +210,9 @@ def resolve_options(
             "backend 'pallas' cannot run resets: its kernels have no restarts inside a sequence; "
             "use backend='xla' (or 'auto')"
         )
-    compute_dtype = options.compute_dtype
-    if compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.dtype(dtype):
-        compute_dtype = None  # the params' own dtype: nothing to cast
-    compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
+    compute_dtype = None  # None or the params' own dtype: nothing to cast
+    if options.compute_dtype is not None and jnp.dtype(options.compute_dtype) != jnp.dtype(dtype):
+        compute_dtype = jnp.dtype(options.compute_dtype).name
     if backend == "pallas" and compute_dtype is not None:
         if options.backend != "auto":
             raise ValueError(

@@ -14,7 +14,7 @@ Every cell splits one time step into two GEMMs and a pointwise part:
 
 so the backward step is pointwise too: ``cell.backward`` maps ``d state_t`` to the gradients of
 ``xp_t``, ``hp_t`` and the direct part of ``d state_{t-1}``; the caller adds ``d hp_t @ W_hh^T``.
-Weight gradients are then single GEMMs over all steps (see ``param_grads``):
+Weight gradients are then single GEMMs over all steps (see ``jax_bptt.scan.cell_grads``):
 
     dW_xh = sum_t x_t^T d xp_t,   dW_hh = sum_t h_{t-1}^T d hp_t,   db_h = sum_t d xp_t
 
@@ -133,18 +133,97 @@ def _zero_h(batch_shape, hidden_size, dtype):
     return jnp.zeros((*batch_shape, hidden_size), dtype)
 
 
-def _h_itself(state):
-    return state
+# --------------------------------------------------------------------------------------------
+# Building a cell: keywords, and a backward derived from the forward when none is written
 
 
-def _replace_h(state, h):
-    del state
-    return h
+def _derived_backward(forward: Callable, pointwise_params: tuple[str, ...]) -> Callable:
+    """The pointwise backward of ``forward(params, xp, hp, state_prev) -> state`` by ``jax.vjp``.
+
+    The forward saves its inputs ``(xp, hp)`` and the backward re-runs it under ``jax.vjp``: one
+    more pointwise forward per step than a hand-written backward, no derivation by hand.
+    """
+
+    def backward(params, saved, state_prev, d_state):
+        xp, hp = saved
+        pointwise = {name: params[name] for name in pointwise_params}
+
+        def step(pointwise, xp, hp, state_prev):
+            return forward({**params, **pointwise}, xp, hp, state_prev)
+
+        _, vjp = jax.vjp(step, pointwise, xp, hp, state_prev)
+        d_pointwise, d_xp, d_hp, d_prev = vjp(d_state)
+        if pointwise_params:
+            return d_prev, d_xp, d_hp, d_pointwise
+        return d_prev, d_xp, d_hp
+
+    return backward
 
 
-def _sum_xp_bias(d_xp_sum: Array, d_hp_sum: Array) -> Params:
-    del d_hp_sum
-    return {"b_h": d_xp_sum}
+def make_cell(
+    name: str,
+    *,
+    num_gates: int,
+    forward: Callable,
+    backward: Callable | None = None,
+    init: Callable | None = None,
+    zero_state: Callable = _zero_h,
+    hidden: Callable = lambda state: state,
+    with_hidden: Callable = lambda state, h: h,
+    bias_grads: Callable = lambda d_xp_sum, d_hp_sum: {"b_h": d_xp_sum},
+    pointwise_params: tuple[str, ...] = (),
+) -> Cell:
+    """A ``Cell`` from keywords (the built-in cells below are made so too); every BPTT mode
+    (manual, fast, checkpointed, truncated, any depth) then runs it with the hoisted GEMMs.
+
+    Args:
+      name: a label (errors and reports use it).
+      num_gates: G: the projections ``xp = x W_xh + b_h`` and ``hp = h W_hh`` are ``(b, G*H)``.
+      forward: with ``backward=None``, ``(params, xp, hp, state_prev) -> state``, pointwise; its
+        backward is derived by ``jax.vjp``. With a hand-written ``backward``,
+        ``(params, xp, hp, state_prev) -> (state, saved)`` (see ``Cell``).
+      init: ``(key, input_size, hidden_size, dtype, recurrent_init) -> params``; default the
+        shared ``W_xh (d gh)``, ``W_hh (h gh)``, ``b_h (gh,)`` with PyTorch's uniform init.
+      zero_state, hidden, with_hidden: for a state other than ``h (b h)``, e.g. ``(h, c)``.
+      bias_grads: ``(d_xp_sum, d_hp_sum) -> {bias: gradient}``.
+      pointwise_params: params the forward reads itself, besides ``xp`` and ``hp`` (e.g. the GRU's
+        ``b_hn``); with a derived backward their gradients come from ``jax.vjp`` too.
+
+    Example (a minimal gated unit, Zhou et al. 2016, with its backward derived):
+      >>> def mgu(params, xp, hp, h_prev):
+      ...     x_f, x_n = jnp.split(xp, 2, axis=-1)
+      ...     h_f, h_n = jnp.split(hp, 2, axis=-1)
+      ...     f = jax.nn.sigmoid(x_f + h_f)
+      ...     return (1 - f) * h_prev + f * jnp.tanh(x_n + f * h_n)
+      >>> MGU = make_cell("mgu", num_gates=2, forward=mgu)
+      >>> params = init_model(jax.random.key(0), MGU, 3, 8, 2)
+      >>> bptt_manual(params, jnp.ones((5, 4, 3)), jnp.zeros((5, 4, 2)), cell=MGU).loss.shape
+      ()
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if isinstance(num_gates, bool) or not isinstance(num_gates, int) or num_gates < 1:
+        raise ValueError(f"num_gates must be an int >= 1, got {num_gates!r}")
+    for arg, fn in (("forward", forward), ("zero_state", zero_state), ("hidden", hidden)):
+        if not callable(fn):
+            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+    pointwise_params = tuple(pointwise_params)
+    if backward is None:
+        user_forward = forward
+
+        def forward(params, xp, hp, state_prev):
+            return user_forward(params, xp, hp, state_prev), (xp, hp)
+
+        backward = _derived_backward(user_forward, pointwise_params)
+    if init is None:
+
+        def init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
+            return _init_weights(key, input_size, hidden_size, num_gates, dtype, recurrent_init)
+
+    return Cell(
+        name, num_gates, init, zero_state, hidden, with_hidden, forward, backward, bias_grads,
+        pointwise_params,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +256,7 @@ def elman_cell(name: str, act: Callable, act_grad_from_output: Callable) -> Cell
         delta = dh * act_grad_from_output(h)
         return jnp.zeros_like(h_prev), delta, delta
 
-    return Cell(name, 1, init, _zero_h, _h_itself, _replace_h, forward, backward, _sum_xp_bias)
+    return make_cell(name, num_gates=1, init=init, forward=forward, backward=backward)
 
 
 ELMAN_TANH = elman_cell("elman_tanh", jnp.tanh, lambda h: 1.0 - h * h)
@@ -245,16 +324,15 @@ def _lstm_backward(params, res, state_prev, d_state):
     return (jnp.zeros_like(dh), dc * f), da, da
 
 
-LSTM = Cell(
+LSTM = make_cell(
     "lstm",
-    4,
-    _lstm_init,
-    _lstm_zero_state,
-    lambda state: state[0],
-    lambda state, h: (h, state[1]),
-    _lstm_forward,
-    _lstm_backward,
-    _sum_xp_bias,
+    num_gates=4,
+    init=_lstm_init,
+    zero_state=_lstm_zero_state,
+    hidden=lambda state: state[0],
+    with_hidden=lambda state, h: (h, state[1]),
+    forward=_lstm_forward,
+    backward=_lstm_backward,
 )
 
 
@@ -306,110 +384,14 @@ def _gru_bias_grads(d_xp_sum, d_hp_sum):
     return {"b_h": d_xp_sum, "b_hn": d_hp_sum[..., 2 * hidden_size :]}
 
 
-GRU = Cell(
+GRU = make_cell(
     "gru",
-    3,
-    _gru_init,
-    _zero_h,
-    _h_itself,
-    _replace_h,
-    _gru_forward,
-    _gru_backward,
-    _gru_bias_grads,
+    num_gates=3,
+    init=_gru_init,
+    forward=_gru_forward,
+    backward=_gru_backward,
+    bias_grads=_gru_bias_grads,
 )
-
-
-# --------------------------------------------------------------------------------------------
-# A cell from its forward alone
-
-
-def _derived_backward(forward: Callable, pointwise_params: tuple[str, ...]) -> Callable:
-    """The pointwise backward of ``forward(params, xp, hp, state_prev) -> state`` by ``jax.vjp``.
-
-    The forward saves its inputs ``(xp, hp)`` and the backward re-runs it under ``jax.vjp``: one
-    more pointwise forward per step than a hand-written backward, no derivation by hand.
-    """
-
-    def backward(params, saved, state_prev, d_state):
-        xp, hp = saved
-        pointwise = {name: params[name] for name in pointwise_params}
-
-        def step(pointwise, xp, hp, state_prev):
-            return forward({**params, **pointwise}, xp, hp, state_prev)
-
-        _, vjp = jax.vjp(step, pointwise, xp, hp, state_prev)
-        d_pointwise, d_xp, d_hp, d_prev = vjp(d_state)
-        if pointwise_params:
-            return d_prev, d_xp, d_hp, d_pointwise
-        return d_prev, d_xp, d_hp
-
-    return backward
-
-
-def make_cell(
-    name: str,
-    *,
-    num_gates: int,
-    forward: Callable,
-    backward: Callable | None = None,
-    init: Callable | None = None,
-    zero_state: Callable = _zero_h,
-    hidden: Callable = _h_itself,
-    with_hidden: Callable = _replace_h,
-    bias_grads: Callable = _sum_xp_bias,
-    pointwise_params: tuple[str, ...] = (),
-) -> Cell:
-    """A ``Cell`` from keywords; every BPTT mode (manual, fast, checkpointed, truncated, any depth)
-    then runs it with the hoisted GEMMs.
-
-    Args:
-      name: a label (errors and reports use it).
-      num_gates: G: the projections ``xp = x W_xh + b_h`` and ``hp = h W_hh`` are ``(b, G*H)``.
-      forward: with ``backward=None``, ``(params, xp, hp, state_prev) -> state``, pointwise; its
-        backward is derived by ``jax.vjp``. With a hand-written ``backward``,
-        ``(params, xp, hp, state_prev) -> (state, saved)`` (see ``Cell``).
-      init: ``(key, input_size, hidden_size, dtype, recurrent_init) -> params``; default the
-        shared ``W_xh (d gh)``, ``W_hh (h gh)``, ``b_h (gh,)`` with PyTorch's uniform init.
-      zero_state, hidden, with_hidden: for a state other than ``h (b h)``, e.g. ``(h, c)``.
-      bias_grads: ``(d_xp_sum, d_hp_sum) -> {bias: gradient}``; default ``{"b_h": d_xp_sum}``.
-      pointwise_params: params the forward reads itself, besides ``xp`` and ``hp`` (e.g. the GRU's
-        ``b_hn``); with a derived backward their gradients come from ``jax.vjp`` too.
-
-    Example (a minimal gated unit, Zhou et al. 2016, with its backward derived):
-      >>> def mgu(params, xp, hp, h_prev):
-      ...     x_f, x_n = jnp.split(xp, 2, axis=-1)
-      ...     h_f, h_n = jnp.split(hp, 2, axis=-1)
-      ...     f = jax.nn.sigmoid(x_f + h_f)
-      ...     return (1 - f) * h_prev + f * jnp.tanh(x_n + f * h_n)
-      >>> MGU = make_cell("mgu", num_gates=2, forward=mgu)
-      >>> params = init_model(jax.random.key(0), MGU, 3, 8, 2)
-      >>> bptt_manual(params, jnp.ones((5, 4, 3)), jnp.zeros((5, 4, 2)), cell=MGU).loss.shape
-      ()
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if isinstance(num_gates, bool) or not isinstance(num_gates, int) or num_gates < 1:
-        raise ValueError(f"num_gates must be an int >= 1, got {num_gates!r}")
-    for arg, fn in (("forward", forward), ("zero_state", zero_state), ("hidden", hidden)):
-        if not callable(fn):
-            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
-    pointwise_params = tuple(pointwise_params)
-    if backward is None:
-        user_forward = forward
-
-        def forward(params, xp, hp, state_prev):
-            return user_forward(params, xp, hp, state_prev), (xp, hp)
-
-        backward = _derived_backward(user_forward, pointwise_params)
-    if init is None:
-
-        def init(key, input_size, hidden_size, dtype=jnp.float32, recurrent_init="uniform"):
-            return _init_weights(key, input_size, hidden_size, num_gates, dtype, recurrent_init)
-
-    return Cell(
-        name, num_gates, init, zero_state, hidden, with_hidden, forward, backward, bias_grads,
-        pointwise_params,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,32 @@ def backend_kwargs(options, restart=None, h_reset=None) -> dict:
     return kwargs
 
 
+def _recurrence(cell, options, reverse, params, h_reset):
+    """``(forward, backward)`` of one recurrence, or of a chunk or segment of one, on the backend
+    ``options.backend`` (module docstring): both custom VJPs below are made of these two."""
+    impl = get_backend(options.backend)
+
+    def forward(before, xs, mask, restart):
+        """``(final_state, (states, saved))`` from the state ``before``."""
+        xp = project_inputs(params, xs, options.compute_dtype)  # one GEMM for all of xs's steps
+        return impl.scan_states(
+            cell, params, xp, before, mask, reverse, options.unroll,
+            **backend_kwargs(options, restart, h_reset),
+        )  # fmt: skip
+
+    def backward(d_state, before, xs, mask, states, saved, d_hs, restart):
+        """``(d before, (d_params, d_h_reset), d_xs)`` from the forward's values and the final
+        state's cotangent ``d_state`` (``d_h_reset`` None without restarts)."""
+        deltas = impl.backward_deltas(
+            cell, params, before, mask, states, saved, d_hs, d_state,
+            reverse=reverse, unroll=options.unroll, **backend_kwargs(options, restart, h_reset),
+        )  # fmt: skip
+        d_params, d_xs = cell_grads(cell, params, xs, deltas, options.compute_dtype)
+        return deltas.d_h0, (d_params, deltas.d_reset), d_xs
+
+    return forward, backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def fast_scan(
     cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
@@ -67,11 +93,8 @@ def _fast_fwd(
     cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
 ):
     mask = length_mask(lengths, xs.shape[0])
-    xp = project_inputs(params, xs, options.compute_dtype)  # (t b g): one GEMM for every step
-    final, (states, saved) = get_backend(options.backend).scan_states(
-        cell, params, xp, h0, mask, reverse, options.unroll,
-        **backend_kwargs(options, restart, h_reset),
-    )  # fmt: skip
+    forward, _ = _recurrence(cell, options, reverse, params, h_reset)
+    final, (states, saved) = forward(h0, xs, mask, restart)
     residuals = (params, xs, h0, lengths, states, saved, restart, h_reset)
     return (masked_hidden(cell, states, mask, all_states), final), residuals
 
@@ -80,27 +103,14 @@ def _fast_bwd(cell, options, reverse, all_states, residuals, cotangents):
     params, xs, h0, lengths, states, saved, restart, h_reset = residuals
     d_hs, d_final = cotangents
     mask = length_mask(lengths, xs.shape[0])
-    impl = get_backend(options.backend)
-
-    def backward(d_state, before, xs_k, mask_k, states_k, saved_k, d_hs_k, restart_k):
-        """One chunk: the reverse scan from ``d_state``, then its weight-gradient GEMMs."""
-        deltas = impl.backward_deltas(
-            cell, params, before, mask_k, states_k, saved_k, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll, **backend_kwargs(options, restart_k, h_reset),
-        )  # fmt: skip
-        d_params, d_xs_k = cell_grads(cell, params, xs_k, deltas, options.compute_dtype)
-        return deltas.d_h0, (d_params, deltas.d_reset), d_xs_k
-
-    chunk_length = options.chunk_length
+    _, backward = _recurrence(cell, options, reverse, params, h_reset)
     per_step = (xs, mask, states, saved, d_hs, restart)
-    if chunk_length >= xs.shape[0]:
+    if options.chunk_length >= xs.shape[0]:
         d_h0, (d_params, d_reset), d_xs = backward(d_final, h0, *per_step)
     else:
-        zeros = jax.tree_util.tree_map(
-            jnp.zeros_like, (params, None if restart is None else h_reset)
-        )
+        zeros = jax.tree.map(jnp.zeros_like, (params, None if restart is None else h_reset))
         d_h0, (d_params, d_reset), d_xs = _in_chunks(
-            backward, chunk_length, reverse, h0, (d_final, zeros), per_step
+            backward, options.chunk_length, reverse, h0, (d_final, zeros), per_step
         )
     return d_params, d_xs, d_h0, None, None, d_reset  # lengths, restarts: integers, booleans
 
@@ -110,7 +120,7 @@ def _in_chunks(backward, chunk_length: int, reverse: bool, h0, carry, per_step):
     ``(d state, summed weight gradients)`` from ``carry``: the same sums as one chunk, in a
     different order. ``T = S * K + R``: a ``lax.scan`` over the S full chunks, and the R-step rest
     on its own (first when the backward runs from the end, last when it runs from step 0)."""
-    tree_map = jax.tree_util.tree_map
+    tree_map = jax.tree.map
     num_steps = per_step[0].shape[0]
     num_chunks = num_steps // chunk_length
     split = num_chunks * chunk_length
@@ -167,10 +177,11 @@ def merge_segments(a, num_steps: int):
     return a.reshape(-1, *a.shape[2:])[:num_steps]
 
 
-def _segments(xs, lengths, segment_length: int):
-    """``xs (s k b d)`` and the mask ``(s k b)`` that also switches the padding steps off (a
-    ``restart (t b)`` is split with ``split_segments``: padding never restarts)."""
-    num_steps, batch_size = xs.shape[:2]
+def _segments(lengths, segment_length: int, *per_step):
+    """The mask ``(s k b)``, which also switches the padding steps off, followed by each of
+    ``per_step`` (``xs`` first; pytrees of ``(t b ...)`` arrays, or None) split into segments
+    with ``split_segments`` (so padding never restarts)."""
+    num_steps, batch_size = per_step[0].shape[:2]
     num_segments = -(-num_steps // segment_length)
     padded = num_segments * segment_length
     if lengths is None and padded > num_steps:
@@ -178,7 +189,7 @@ def _segments(xs, lengths, segment_length: int):
     mask = length_mask(lengths, padded)  # past a length (so on every padding step): frozen
     if mask is not None:
         mask = mask.reshape(num_segments, segment_length, batch_size)
-    return split_segments(xs, num_segments, segment_length), mask, num_segments
+    return mask, *jax.tree.map(lambda a: split_segments(a, num_segments, segment_length), per_step)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -191,68 +202,50 @@ def checkpointed_scan(
     return _checkpointed_fwd(cell, options, reverse, all_states, *args)[0]
 
 
-def _split_restart(restart, num_segments: int, segment_length: int):
-    return None if restart is None else split_segments(restart, num_segments, segment_length)
-
-
 def _checkpointed_fwd(
     cell, options, reverse, all_states, params, xs, h0, lengths, restart=None, h_reset=None
 ):
-    xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
-    restart_seg = _split_restart(restart, num_segments, options.segment_length)
-    run_states = get_backend(options.backend).scan_states
+    mask_seg, xs_seg, restart_seg = _segments(lengths, options.segment_length, xs, restart)
+    forward, _ = _recurrence(cell, options, reverse, params, h_reset)
 
     def forward_segment(state, inputs):
         xs_k, mask_k, restart_k = inputs
-        # per segment, so no (t b g) buffer is ever live
-        xp = project_inputs(params, xs_k, options.compute_dtype)
-        final, (states, _) = run_states(
-            cell, params, xp, state, mask_k, reverse, options.unroll,
-            **backend_kwargs(options, restart_k, h_reset),
-        )  # fmt: skip
+        # projected per segment, so no (t b g) buffer is ever live
+        final, (states, _) = forward(state, xs_k, mask_k, restart_k)
         return final, (state, masked_hidden(cell, states, mask_k, all_states))
 
     final, (boundaries, hs) = jax.lax.scan(
         forward_segment, h0, (xs_seg, mask_seg, restart_seg), reverse=reverse
     )
-    hs = jax.tree_util.tree_map(lambda a: merge_segments(a, xs.shape[0]), hs)
+    hs = jax.tree.map(lambda a: merge_segments(a, xs.shape[0]), hs)
     return (hs, final), (params, xs, lengths, boundaries, restart, h_reset)
 
 
 def _checkpointed_bwd(cell, options, reverse, all_states, residuals, cotangents):
     params, xs, lengths, boundaries, restart, h_reset = residuals
     d_hs, d_final = cotangents
-    xs_seg, mask_seg, num_segments = _segments(xs, lengths, options.segment_length)
-    restart_seg = _split_restart(restart, num_segments, options.segment_length)
-    d_hs_seg = jax.tree_util.tree_map(
-        lambda a: split_segments(a, num_segments, options.segment_length), d_hs
+    mask_seg, xs_seg, restart_seg, d_hs_seg = _segments(
+        lengths, options.segment_length, xs, restart, d_hs
     )
-    impl = get_backend(options.backend)
+    forward, backward = _recurrence(cell, options, reverse, params, h_reset)
 
     def backward_segment(carry, inputs):
+        """One segment: its forward recomputed from its boundary state, then its backward."""
         d_state, d_params = carry
         xs_k, mask_k, state0, d_hs_k, restart_k = inputs
-        kwargs = backend_kwargs(options, restart_k, h_reset)
-        xp = project_inputs(params, xs_k, options.compute_dtype)
-        _, (states, saved) = impl.scan_states(
-            cell, params, xp, state0, mask_k, reverse, options.unroll, **kwargs
-        )
-        deltas = impl.backward_deltas(
-            cell, params, state0, mask_k, states, saved, d_hs_k, d_state,
-            reverse=reverse, unroll=options.unroll, **kwargs,
-        )  # fmt: skip
-        d_params_k, d_xs_k = cell_grads(cell, params, xs_k, deltas, options.compute_dtype)
-        d_params = jax.tree_util.tree_map(jnp.add, d_params, (d_params_k, deltas.d_reset))
-        return (deltas.d_h0, d_params), d_xs_k
+        _, (states, saved) = forward(state0, xs_k, mask_k, restart_k)
+        per_step = (xs_k, mask_k, states, saved, d_hs_k, restart_k)
+        d_state, d_params_k, d_xs_k = backward(d_state, state0, *per_step)
+        return (d_state, jax.tree.map(jnp.add, d_params, d_params_k)), d_xs_k
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, None if restart is None else h_reset))
+    zeros = jax.tree.map(jnp.zeros_like, (params, None if restart is None else h_reset))
     (d_h0, (d_params, d_reset)), d_xs = jax.lax.scan(
         backward_segment,
         (d_final, zeros),
         (xs_seg, mask_seg, boundaries, d_hs_seg, restart_seg),
         reverse=not reverse,
     )
-    d_xs = jax.tree_util.tree_map(lambda a: merge_segments(a, xs.shape[0]), d_xs)  # None: ids
+    d_xs = jax.tree.map(lambda a: merge_segments(a, xs.shape[0]), d_xs)  # None: ids
     return d_params, d_xs, d_h0, None, None, d_reset
 
 

@@ -42,7 +42,7 @@ def select(mask_t: jax.Array | None, new, old):
     """Per-sequence ``where`` over a state pytree; ``mask_t: (b,)``, None means all True."""
     if mask_t is None:
         return new
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(mask_t[:, None], a, b), new, old)
+    return jax.tree.map(lambda a, b: jnp.where(mask_t[:, None], a, b), new, old)
 
 
 def masked(mask: jax.Array | None, values: jax.Array) -> jax.Array:
@@ -117,7 +117,7 @@ def scan_hidden(
         new_state, _ = cell.forward(params, xp_t, hp_t, prev)
         new_state = select(mask_t, new_state, state)
         out = new_state if all_states else cell.hidden(new_state)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, out)
+        zeros = jax.tree.map(jnp.zeros_like, out)
         return new_state, select(mask_t, out, zeros)
 
     return jax.lax.scan(body, h0, (xp, mask, restart), reverse=reverse, unroll=unroll)
@@ -127,7 +127,7 @@ def masked_hidden(cell: Cell, states, mask, all_states: bool = False) -> jax.Arr
     """``(t b h)`` hidden outputs (with ``all_states`` the whole stacked state pytree), zero past
     each sequence's length."""
     if all_states:
-        return jax.tree_util.tree_map(lambda s: masked(mask, s), states)
+        return jax.tree.map(lambda s: masked(mask, s), states)
     return masked(mask, cell.hidden(states))
 
 
@@ -140,15 +140,10 @@ def previous_states(h0, states, *, reverse: bool = False, restart=None, h_reset=
     ``h_reset`` where ``restart (t b)`` is set: the state each step started from."""
     if restart is not None:
         prev = previous_states(h0, states, reverse=reverse)
-        return jax.tree_util.tree_map(
-            lambda r, p: jnp.where(restart[..., None], r[None], p), h_reset, prev
-        )
+        return jax.tree.map(lambda r, p: jnp.where(restart[..., None], r[None], p), h_reset, prev)
     if reverse:
-        return jax.tree_util.tree_map(lambda s0, s: jnp.concatenate([s, s0[None]])[1:], h0, states)
-    num_steps = jax.tree_util.tree_leaves(states)[0].shape[0]
-    return jax.tree_util.tree_map(
-        lambda s0, s: jnp.concatenate([s0[None], s])[:num_steps], h0, states
-    )
+        return jax.tree.map(lambda s0, s: jnp.concatenate([s, s0[None]])[1:], h0, states)
+    return jax.tree.map(lambda s0, s: jnp.concatenate([s0[None], s])[:-1], h0, states)
 
 
 class Deltas(NamedTuple):
@@ -193,21 +188,20 @@ def backward_deltas(
       compute_dtype: the GEMM operands' dtype (module docstring); None: the params' dtype.
     """
     states_prev = previous_states(h0, states, reverse=reverse, restart=restart, h_reset=h_reset)
-    tree = jax.tree_util
-    whole = tree.tree_structure(d_hs) == tree.tree_structure(d_final)  # one leaf: the same thing
+    whole = jax.tree.structure(d_hs) == jax.tree.structure(d_final)  # one leaf: the same thing
     # outputs past a length are constant zeros: no gradient flows back
-    d_hs = tree.tree_map(lambda d: masked(mask, d), d_hs)
+    d_hs = jax.tree.map(lambda d: masked(mask, d), d_hs)
 
     def backward_step(carry, inputs):
         d_state, d_reset = carry
         d_hs_t, mask_t, state_prev, saved_t, restart_t = inputs
         if whole:
-            d_state = tree.tree_map(jnp.add, d_state, d_hs_t)
+            d_state = jax.tree.map(jnp.add, d_state, d_hs_t)
         else:
             d_state = cell.with_hidden(d_state, cell.hidden(d_state) + d_hs_t)
         d_step = d_state
         if cell.pointwise_params and mask_t is not None:  # frozen rows give params no gradient
-            d_step = select(mask_t, d_state, jax.tree_util.tree_map(jnp.zeros_like, d_state))
+            d_step = select(mask_t, d_state, jax.tree.map(jnp.zeros_like, d_state))
         d_prev, d_xp, d_hp, *d_pointwise = cell.backward(params, saved_t, state_prev, d_step)
         d_h_prev = matmul(d_hp, params["W_hh"].T, compute_dtype)
         d_prev = cell.with_hidden(d_prev, cell.hidden(d_prev) + d_h_prev)
@@ -218,12 +212,12 @@ def backward_deltas(
             d_hp = d_xp if shared else jnp.where(mask_t[:, None], d_hp, 0)
         if restart_t is not None:  # a restarted step read h_reset, not the step before it
             hit = restart_t if mask_t is None else restart_t & mask_t
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, d_prev)
-            d_reset = jax.tree_util.tree_map(jnp.add, d_reset, select(hit, d_prev, zeros))
+            zeros = jax.tree.map(jnp.zeros_like, d_prev)
+            d_reset = jax.tree.map(jnp.add, d_reset, select(hit, d_prev, zeros))
             d_prev = select(hit, zeros, d_prev)
         return (d_prev, d_reset), (d_xp, None if shared else d_hp, d_state, d_pointwise)
 
-    d_reset = None if restart is None else jax.tree_util.tree_map(jnp.zeros_like, d_final)
+    d_reset = None if restart is None else jax.tree.map(jnp.zeros_like, d_final)
     # d_states is dead code for callers that don't read it: XLA drops it from the loop.
     (d_h0, d_reset), (d_xp, d_hp, d_states, d_pointwise) = jax.lax.scan(
         backward_step,
@@ -233,9 +227,7 @@ def backward_deltas(
         unroll=unroll,
     )
     d_hp = d_xp if d_hp is None else d_hp
-    d_pointwise = (
-        jax.tree_util.tree_map(lambda g: g.sum(0), d_pointwise[0]) if d_pointwise else None
-    )
+    d_pointwise = jax.tree.map(lambda g: g.sum(0), d_pointwise[0]) if d_pointwise else None
     return Deltas(d_h0, d_xp, d_hp, cell.hidden(states_prev), d_states, d_pointwise, d_reset)
 
 
@@ -302,5 +294,5 @@ def backward_scan(
     d_params, d_xs = cell_grads(cell, params, xs, deltas, compute_dtype)
     d_h0 = deltas.d_h0
     if restart is not None and h_reset is None:
-        d_h0 = jax.tree_util.tree_map(jnp.add, d_h0, deltas.d_reset)
+        d_h0 = jax.tree.map(jnp.add, d_h0, deltas.d_reset)
     return d_params, d_h0, d_xs
