@@ -423,14 +423,10 @@ def random_problem(
         bound = 1.0 / np.sqrt(fan)
         return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
 
-    params = {
-        "layers": [
-            {name: {k: uniform(v, hidden) for k, v in p.items()} for name, p in layer.items()}
-            for layer in shapes["layers"]
-        ],
-        "readout": {
-            k: uniform(v, shapes["readout"]["W_hy"].shape[0]) for k, v in shapes["readout"].items()
-        },
+    fan_readout = shapes["readout"]["W_hy"].shape[0]
+    params = {  # drawn in the leaves' order (eval_shape's dicts have sorted keys)
+        "layers": jax.tree.map(lambda v: uniform(v, hidden), shapes["layers"]),
+        "readout": jax.tree.map(lambda v: uniform(v, fan_readout), shapes["readout"]),
     }
     if token_ids:
         xs = jnp.asarray(rng.integers(0, inputs, (steps, batch)), jnp.int32)

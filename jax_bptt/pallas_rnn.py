@@ -7,7 +7,8 @@ blocks, each program loads ``W_hh`` once and keeps it on chip while a ``fori_loo
 steps. The input projection ``x @ W_xh`` and the weight-gradient GEMMs stay outside (one big GEMM
 each, see ``jax_bptt.scan.cell_grads``).
 
-The two entry points have exactly the signatures of the XLA versions, so they plug in as a backend:
+The two entry points have the signatures of the XLA versions (plus a keyword ``options``,
+``PallasOptions``), so they plug in as a backend:
 
     pallas_scan_states(cell, params, xp, h0, mask=None, reverse=False, unroll=1)
         == jax_bptt.scan.scan_states            -> (final_state, (states, saved))
@@ -55,6 +56,7 @@ copy of every ``(t b ...)`` operand), and the backward materialises ``state_{t-1
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, NamedTuple
 
@@ -100,6 +102,9 @@ class PallasOptions(NamedTuple):
     num_warps: int = 4
     num_stages: int = 1
     with_d_states: bool = True
+
+
+DEFAULT_OPTIONS = PallasOptions()
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,20 +372,16 @@ def _load_step(ref, t, lay: _Layout):
     return ref[t]
 
 
-def _store_step(ref, t, value, lay: _Layout):
-    if isinstance(value, _Gates):
-        h = lay.hidden_size
-        for g, tile in enumerate(value.parts):
-            ref[t, :, pl.ds(g * h, h)] = tile.astype(ref.dtype)
-    else:
-        ref[t] = value.astype(ref.dtype)
-
-
 def _store_steps(refs, t, tree, lay: _Layout):
-    """Step ``t`` (``...``: the whole block) of each leaf of ``tree`` (``_Gates`` are leaves) into
-    its ref."""
+    """Step ``t`` (``...``: the whole block) of each leaf of ``tree`` into its ref, a ``_Gates``
+    leaf gate by gate."""
+    h = lay.hidden_size
     for ref, leaf in zip(refs, jax.tree_util.tree_leaves(tree), strict=True):
-        _store_step(ref, t, leaf, lay)
+        if isinstance(leaf, _Gates):
+            for g, tile in enumerate(leaf.parts):
+                ref[t, :, pl.ds(g * h, h)] = tile.astype(ref.dtype)
+        else:
+            ref[t] = leaf.astype(ref.dtype)
 
 
 def _dot(a, w, *, transpose_w: bool, options: PallasOptions, out_dtype):
@@ -443,7 +444,18 @@ def _split_refs(refs, counts):
 # Forward recurrence
 
 
-def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: PallasOptions):
+def pallas_scan_states(
+    cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1, *,
+    options: PallasOptions = DEFAULT_OPTIONS,
+):  # fmt: skip
+    """``jax_bptt.scan.scan_states`` as one fused kernel launch.
+
+    ``xp: (t b g)``, ``h0`` state leaves ``(b h)``, ``mask: (t b)`` bool or None. Returns
+    ``(final_state, (states, saved))`` stacked over t, ``saved`` being what
+    ``cell.forward`` returns, so ``cell.backward`` applies unchanged. ``unroll`` steps run per
+    loop iteration inside the kernel; ``options``: the kernel settings (``make_pallas_backend``
+    fixes them).
+    """
     num_steps, batch = _check_stack("xp", xp, params["W_hh"].shape[1], "G*H", mask)
     if num_steps == 0:  # nothing to fuse; the XLA scan returns the empty stacks
         return scan_states(cell, params, xp, h0, mask, reverse, unroll)
@@ -505,10 +517,16 @@ def _scan_states(cell: Cell, params, xp, h0, mask, reverse, unroll, options: Pal
 # Backward delta recurrence
 
 
-def _backward_deltas(
-    cell: Cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll,
-    options: PallasOptions,
+def pallas_backward_deltas(
+    cell: Cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1,
+    options: PallasOptions = DEFAULT_OPTIONS,
 ) -> Deltas:  # fmt: skip
+    """``jax_bptt.scan.backward_deltas`` as one fused kernel launch (``options`` as for
+    ``pallas_scan_states``).
+
+    Carries only ``d state`` through the reverse loop and writes ``d xp_t`` and ``d hp_t``
+    ``(t b g)``; the weight gradients are then ``jax_bptt.scan.cell_grads``.
+    """
     hidden = params["W_hh"].shape[0]
     num_steps, batch = _check_stack("d_hs", d_hs, hidden, "H", mask)
     if getattr(cell, "pointwise_params", ()):  # Deltas.d_pointwise is not written by the kernel
@@ -602,7 +620,7 @@ def _rows_only(rows, value):
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points (the signatures of the XLA versions)
+# Backends with fixed options
 
 
 class PallasBackend(NamedTuple):
@@ -618,41 +636,8 @@ def make_pallas_backend(**options) -> PallasBackend:
     """A backend with non-default ``PallasOptions`` (e.g. ``batch_block=32``,
     ``weight_dtype=jnp.bfloat16``, ``precision=lax.Precision.DEFAULT`` for TF32)."""
     opts = PallasOptions(**options)
-
-    def scan_states_fn(cell, params, xp, h0, mask=None, reverse=False, unroll=1):
-        return _scan_states(cell, params, xp, h0, mask, reverse, unroll, opts)
-
-    def backward_deltas_fn(
-        cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1
-    ):
-        return _backward_deltas(
-            cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll, opts
-        )
-
-    scan_states_fn.__doc__ = pallas_scan_states.__doc__
-    backward_deltas_fn.__doc__ = pallas_backward_deltas.__doc__
-    return PallasBackend(scan_states_fn, backward_deltas_fn, opts)
-
-
-def pallas_scan_states(cell: Cell, params, xp, h0, mask=None, reverse=False, unroll=1):
-    """``jax_bptt.scan.scan_states`` as one fused kernel launch (default ``PallasOptions``).
-
-    ``xp: (t b g)``, ``h0`` state leaves ``(b h)``, ``mask: (t b)`` bool or None. Returns
-    ``(final_state, (states, saved))`` stacked over t, ``saved`` being what
-    ``cell.forward`` returns, so ``cell.backward`` applies unchanged. ``unroll`` steps run per
-    loop iteration inside the kernel.
-    """
-    return _scan_states(cell, params, xp, h0, mask, reverse, unroll, PallasOptions())
-
-
-def pallas_backward_deltas(
-    cell: Cell, params, h0, mask, states, saved, d_hs, d_final, *, reverse=False, unroll=1
-) -> Deltas:
-    """``jax_bptt.scan.backward_deltas`` as one fused kernel launch (default ``PallasOptions``).
-
-    Carries only ``d state`` through the reverse loop and writes ``d xp_t`` and ``d hp_t``
-    ``(t b g)``; the weight gradients are then ``jax_bptt.scan.cell_grads``.
-    """
-    return _backward_deltas(
-        cell, params, h0, mask, states, saved, d_hs, d_final, reverse, unroll, PallasOptions()
+    return PallasBackend(
+        functools.partial(pallas_scan_states, options=opts),
+        functools.partial(pallas_backward_deltas, options=opts),
+        opts,
     )

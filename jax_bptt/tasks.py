@@ -57,8 +57,9 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _check_ids(name: str, ids, min_len: int):
-    """Check that ``ids`` is a 1-D integer array with at least ``min_len`` entries."""
+def _check_ids(name: str, ids, min_len: int, vocab_size: int | None = None):
+    """Check that ``ids`` is a 1-D integer array with at least ``min_len`` entries, all in
+    ``[0, vocab_size)`` if ``vocab_size`` is given (a NumPy array then)."""
     shape = getattr(ids, "shape", None)
     dtype = getattr(ids, "dtype", None)
     if shape is None or dtype is None:
@@ -69,6 +70,10 @@ def _check_ids(name: str, ids, min_len: int):
         raise TypeError(f"{name} must have an integer dtype, got {dtype}")
     if shape[0] < min_len:
         raise ValueError(f"{name} must have length >= {min_len}, got {shape[0]}")
+    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"{name} must lie in [0, vocab_size={vocab_size}), got range [{ids.min()}, {ids.max()}]"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,16 +284,9 @@ class CharVocab(NamedTuple):
     def decode(self, ids) -> str:
         """Map an integer array of shape ``(N,)`` back to a string."""
         arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
-        if arr.size == 0:
+        if arr.shape == (0,):  # any dtype: np.asarray([]) is float64
             return ""
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"ids must have an integer dtype, got {arr.dtype}")
-        if arr.min() < 0 or arr.max() >= self.size:
-            raise ValueError(
-                f"ids must lie in [0, {self.size}), got range [{arr.min()}, {arr.max()}]"
-            )
+        _check_ids("ids", arr, 0, self.size)
         return "".join(self.chars[i] for i in arr.tolist())
 
 
@@ -387,17 +385,10 @@ def _check_ngram_args(train_ids, val_ids, vocab_size, smoothing):
     # Zero smoothing would give infinite loss on any bigram unseen in training.
     if not smoothing > 0:
         raise ValueError(f"smoothing must be > 0, got {smoothing}")
-    out = []
-    for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
-        arr = np.asarray(ids)
-        _check_ids(name, arr, 2)
-        if arr.min() < 0 or arr.max() >= vocab_size:
-            raise ValueError(
-                f"{name} must lie in [0, vocab_size={vocab_size}), got range "
-                f"[{arr.min()}, {arr.max()}]"
-            )
-        out.append(arr.astype(np.int64))
-    return out[0], out[1], vocab_size, float(smoothing)
+    train, val = np.asarray(train_ids), np.asarray(val_ids)
+    for name, arr in (("train_ids", train), ("val_ids", val)):
+        _check_ids(name, arr, 2, vocab_size)
+    return train.astype(np.int64), val.astype(np.int64), vocab_size, float(smoothing)
 
 
 def unigram_baseline_nats(train_ids, val_ids, vocab_size: int, smoothing: float = 1.0) -> float:

@@ -217,19 +217,15 @@ def from_torch(source, cell, head=None, *, dtype=None) -> dict:
     directions = DIRECTIONS if bidirectional else DIRECTIONS[:1]
     layers, input_size = [], None
     for layer in range(num_layers):
-        converted = {
-            name: _cell_from_state_dict(state_dict, cell, layer, suffix, input_size, dtype)
-            for name, suffix in directions
-        }
+        converted = {}
+        for name, suffix in directions:
+            p = _cell_from_state_dict(state_dict, cell, layer, suffix, input_size, dtype)
+            converted[name] = p
+            # layer 0's backward direction is checked against the forward's input size
+            input_size = p["W_xh"].shape[0]
         layers.append(converted)
         # every later layer reads the concatenated outputs of both directions
         input_size = len(directions) * converted["fwd"]["W_hh"].shape[0]
-        if layer == 0:  # both directions of layer 0 must agree on the input size
-            if bidirectional and converted["bwd"]["W_xh"].shape != converted["fwd"]["W_xh"].shape:
-                raise ValueError(
-                    f"weight_ih_l0_reverse has shape {converted['bwd']['W_xh'].T.shape}, expected "
-                    f"{converted['fwd']['W_xh'].T.shape} like weight_ih_l0"
-                )
     extra_keys = sorted(k for k in state_dict if int(_RNN_KEY.match(k).group(2)) >= num_layers)
     if extra_keys:
         raise ValueError(f"the state dict skips layer {num_layers}: it has {extra_keys}")
