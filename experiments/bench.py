@@ -54,7 +54,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from common import (
     POSITIVE,
     Parser,
@@ -159,34 +158,27 @@ def gemm_floor(params, h0, xs, targets):
     return d_params, d_h0, ds @ cell["W_xh"].T
 
 
-def library_modes(unrolls) -> dict:
-    """Candidate name -> ``(jax_bptt.bptt mode, ScanOptions)``: the library's candidates differ
-    only in the mode and the scan options (``fast_u{k}``: unroll k; ``fast_one_chunk``: the
-    backward in one chunk, ``chunk_bytes=0``; ``fast_default``: the platform's defaults)."""
-    modes = {"auto_hoisted": ("auto", ScanOptions()), "manual": ("manual", ScanOptions())}
-    for k in unrolls:
-        modes["fast" if k == 1 else f"fast_u{k}"] = ("fast", ScanOptions(unroll=k))
-    modes["fast_one_chunk"] = ("fast", ScanOptions(unroll=1, chunk_bytes=0))
-    modes["fast_default"] = ("fast", ScanOptions())
-    modes["checkpointed"] = ("checkpointed", ScanOptions())
-    return modes
-
-
 def jax_candidates(cell_name: str, modes, unrolls) -> dict:
-    """Name -> ``(jitted (params, h0, xs, targets) -> gradients, ScanOptions or None)``."""
-    cell = get_cell(cell_name)
-    library = library_modes(unrolls)
+    """Name -> ``(jitted (params, h0, xs, targets) -> gradients, ScanOptions or None)``. The
+    library's candidates differ only in the ``jax_bptt.bptt`` mode and the scan options; the
+    mode "fast" stands for one candidate per unroll k (``fast_u{k}``; ``fast`` for k = 1)."""
+    plain = functools.partial(plain_scan_loss, get_cell(cell_name))
+    own = {"auto": jax.value_and_grad(plain, argnums=(0, 1, 2)), "gemm_floor": gemm_floor}
+    fast = {"fast" if k == 1 else f"fast_u{k}": ("fast", ScanOptions(unroll=k)) for k in unrolls}
+    library = {
+        "auto_hoisted": ("auto", ScanOptions()),
+        "manual": ("manual", ScanOptions()),
+        **fast,
+        "fast_one_chunk": ("fast", ScanOptions(unroll=1, chunk_bytes=0)),  # backward in one chunk
+        "fast_default": ("fast", ScanOptions()),  # the platform's defaults
+        "checkpointed": ("checkpointed", ScanOptions()),
+    }
     out = {}
     for mode in modes:
-        if mode == "auto":
-            grad = jax.value_and_grad(functools.partial(plain_scan_loss, cell), argnums=(0, 1, 2))
-            out[mode] = (jax.jit(grad), None)
+        if mode in own:
+            out[mode] = (jax.jit(own[mode]), None)
             continue
-        if mode == "gemm_floor":
-            out[mode] = (jax.jit(gemm_floor), None)
-            continue
-        names = [n for n in library if n == "fast" or n.startswith("fast_u")]  # one per unroll
-        for name in names if mode == "fast" else [mode]:
+        for name in fast if mode == "fast" else [mode]:
             if name not in library:
                 raise ValueError(f"unknown mode {mode!r}")
             bptt_mode, options = library[name]
@@ -493,17 +485,17 @@ def unroll_summary(records) -> str:
     ks = sorted({k for v in rows.values() for k in v})
     lines = ["", "fast path: wall ms / cpu ms per scan unroll k (forward and backward scans)"]
     lines.append(f"  {'cell':<11} {'B,H,T,D':<16}" + "".join(f"{'k=' + str(k):>16}" for k in ks))
-    logs = {(k, i): [] for k in ks for i in (0, 1)}
     for (cell, *size), by_k in rows.items():
         cells = "".join(
             f"{by_k[k][0]:8.2f}/{by_k[k][1]:<7.2f}" if k in by_k else f"{'-':>16}" for k in ks
         )
         lines.append(f"  {cell:<11} {','.join(map(str, size)):<16}{cells}")
-        for k in ks:
-            if k in by_k and 1 in by_k:
-                for i in (0, 1):
-                    logs[k, i].append(np.log(by_k[k][i] / by_k[1][i]))
-    geo = {key: float(np.exp(np.mean(v))) for key, v in logs.items() if v}
+    ratios = {
+        (k, i): [by_k[k][i] / by_k[1][i] for by_k in rows.values() if k in by_k and 1 in by_k]
+        for k in ks
+        for i in (0, 1)
+    }
+    geo = {key: statistics.geometric_mean(v) for key, v in ratios.items() if v}
     for i, name in ((0, "wall"), (1, "cpu")):
         lines.append(
             f"  geometric mean {name} time vs k=1: "

@@ -58,9 +58,6 @@ from common import (
     POSITIVE,
     POSITIVE_FLOAT,
     Parser,
-    add_common_args,
-    add_model_args,
-    add_optimizer_args,
     config_from_args,
     describe_model,
     device_info,
@@ -73,6 +70,7 @@ from common import (
     place_step,
     plot_curves,
     scan_options,
+    training_parser,
 )
 
 import jax_bptt as jb
@@ -159,10 +157,7 @@ class Corpus(NamedTuple):
 
 def make_parser() -> Parser:
     defaults = Config()
-    parser = Parser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser, bptt_default=defaults.bptt)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=defaults.lr, clip_norm=defaults.clip_norm)
+    parser = training_parser(__doc__.split("\n\n")[0], defaults)
     parser.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc topics)")
     parser.add_argument("--cell", default=defaults.cell, choices=tuple(jb.CELLS))
     parser.add_argument("--hidden", type=POSITIVE, default=None)
@@ -497,11 +492,11 @@ def main(argv=None) -> dict:
         "config": dataclasses.asdict(config),
         "bptt_mode": config.bptt,
         "model_options": options,
-        "truncation": (
-            {"k1": config.k1, "k2": config.k2, "state": "carried across windows"}
-            if truncation
-            else {"k1": config.k1, "k2": config.k1, "state": "zero at every random window"}
-        ),
+        "truncation": {  # --data windows: k2 == k1 (parse_args)
+            "k1": config.k1,
+            "k2": config.k2,
+            "state": "carried across windows" if truncation else "zero at every random window",
+        },
         "corpus": config.text or "pydoc_data.topics",
         "corpus_chars": len(corpus.text),
         "vocab_size": vocab.size,

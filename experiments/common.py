@@ -120,28 +120,19 @@ def choice_list(choices, what: str = "model"):
     return parse
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, bptt_default: str) -> None:
-    """Flags every training experiment has: --quick, --out, --seed, --bptt, --no-progress."""
+def training_parser(description: str, defaults) -> Parser:
+    """A ``Parser`` with the flags every training experiment has: --quick, --out, --seed, --bptt,
+    --no-progress; the model-shape, scan and device flags --layers, --bidirectional, --dropout,
+    --residual, --unroll, --dtype, --devices; and --optimizer, --lr, --clip-norm. ``defaults``
+    (the experiment's config dataclass) gives --bptt's, --lr's and --clip-norm's defaults."""
+    parser = Parser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/<experiment>/<time>)"
     )
     parser.add_argument("--seed", type=NON_NEGATIVE, default=0)
-    parser.add_argument("--bptt", default=bptt_default, choices=jb.BPTT_MODES)
+    parser.add_argument("--bptt", default=defaults.bptt, choices=jb.BPTT_MODES)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def add_optimizer_args(parser: argparse.ArgumentParser, *, lr: float, clip_norm) -> None:
-    parser.add_argument("--optimizer", default="adam", choices=tuple(OPTIMIZERS))
-    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=lr, help="learning rate")
-    parser.add_argument(
-        "--clip-norm", type=NON_NEGATIVE_FLOAT, default=clip_norm, help="0: no clipping"
-    )
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Model-shape, scan and device flags: --layers, --bidirectional, --dropout, --residual,
-    --unroll, --dtype, --devices."""
     parser.add_argument("--layers", type=POSITIVE, default=None, help="stacked recurrent layers")
     parser.add_argument(
         "--bidirectional", action="store_true", help="a forward and a backward cell per layer"
@@ -179,6 +170,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="train data-parallel over this many devices (jax_bptt.parallel; the batch must be a "
         "multiple); default: one device, no mesh",
     )
+    parser.add_argument("--optimizer", default="adam", choices=tuple(OPTIMIZERS))
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=defaults.lr, help="learning rate")
+    parser.add_argument(
+        "--clip-norm", type=NON_NEGATIVE_FLOAT, default=defaults.clip_norm, help="0: no clipping"
+    )
+    return parser
 
 
 # What a run records when the flags are not given (also for runs made before the flags existed).
@@ -216,9 +213,9 @@ def model_options(config) -> dict:
 
 def parse_model_args(parser, args, *, batch: int) -> dict:
     """The model options ``{layers, bidirectional, dropout, residual, devices, unroll}`` from
-    ``add_model_args``'s flags (``MODEL_DEFAULTS`` for those not given), ``parser.error`` on a
-    bad combination. ``residual`` is recorded as ``"except_first"`` (layer 0 reads the data, of
-    another size) or False.
+    ``training_parser``'s model flags (``MODEL_DEFAULTS`` for those not given), ``parser.error``
+    on a bad combination. ``residual`` is recorded as ``"except_first"`` (layer 0 reads the data,
+    of another size) or False.
     """
     options = dict(MODEL_DEFAULTS)
     for name in ("layers", "dropout", "devices", "unroll", "dtype"):

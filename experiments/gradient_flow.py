@@ -25,7 +25,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common, also when run by path
 from common import Parser, device_name, versions, write_text  # noqa: E402
@@ -139,7 +138,7 @@ def train_adding(cell, cfg, key):
     """A short Adam run on the adding problem with manual BPTT; returns (params, mse)."""
     num_steps, batch = cfg["train_steps_len"], cfg["train_batch"]
     params = jb.init_model(key, cell, 2, cfg["hidden"], 1)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3))
+    optimizer = jb.make_optimizer("adam", 3e-3, clip_norm=1.0)
     opt_state = optimizer.init(params)
     train_step = jb.make_train_step(optimizer, cell=cell, loss=LAST_STEP_MSE, mode="manual")
     losses = []

@@ -12,6 +12,7 @@ parse and range-check the flags, train each (model, size) with ``jax_bptt.fit`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 
@@ -21,10 +22,6 @@ from common import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_FLOAT,
-    Parser,
-    add_common_args,
-    add_model_args,
-    add_optimizer_args,
     choice_list,
     config_from_args,
     describe_model,
@@ -39,6 +36,7 @@ from common import (
     place_step,
     plot_curves,
     scan_options,
+    training_parser,
 )
 
 import jax_bptt as jb
@@ -110,10 +108,7 @@ class Sweep:
     def parse_args(self, argv=None):
         """``(Config, argparse.Namespace)``; a bad flag exits with one line and code 2."""
         defaults = Config(**self.defaults)
-        parser = Parser(description=self.description)
-        add_common_args(parser, bptt_default=defaults.bptt)
-        add_model_args(parser)
-        add_optimizer_args(parser, lr=defaults.lr, clip_norm=defaults.clip_norm)
+        parser = training_parser(self.description, defaults)
         parser.add_argument("--models", type=choice_list(MODELS), default=defaults.models)
         parser.add_argument(
             f"--{self.sizes_name}", type=int_list(self.min_size), default=None,
@@ -136,11 +131,6 @@ class Sweep:
         options = parse_model_args(parser, args, batch=config.batch)
         return dataclasses.replace(config, **options), args
 
-    def config_record(self, config: Config) -> dict:
-        record = dataclasses.asdict(config)
-        record[self.sizes_name] = record.pop("sizes")
-        return record
-
     def main(self, argv=None) -> dict:
         config, args = self.parse_args(argv)
         run_dir = fresh_dir(make_run_dir(self.name, args.out))
@@ -154,7 +144,8 @@ class Sweep:
         for size in config.sizes:
             batch_fn, test = self.data(config, size)
             for model in config.models:
-                evaluate = self.evaluator(config, test, cell=MODELS[model][0])
+                model_args = model_kwargs(MODELS[model][0], config.model_options)
+                evaluate = functools.partial(self.evaluate, test=test, **model_args)
                 outcome = self.train(
                     config, model, batch_fn, evaluate, run_dir=run_dir / f"{model}_T{size}",
                     progress=not args.no_progress, desc=f"{model} T={size}",
@@ -167,8 +158,10 @@ class Sweep:
                 print(f"  {model:5s} T={size:4d}: {self.describe(row)}  [{row['wall_s']:.0f} s]")
 
         table = markdown_table(self.headers, [self.table_row(row) for row in rows])
+        record = dataclasses.asdict(config)
+        record[self.sizes_name] = record.pop("sizes")
         summary = {
-            "experiment": self.name, "config": self.config_record(config),
+            "experiment": self.name, "config": record,
             "bptt_mode": config.bptt, "model_options": config.model_options,
             "truncation": self.truncation, **self.extra, "results": rows,
             "device": device_info(), "wall_time_s": time.perf_counter() - started,
@@ -232,11 +225,6 @@ class Sweep:
             "skipped": result.skipped,
             "wall_s": time.perf_counter() - started,
         }
-
-    def evaluator(self, config: Config, test, *, cell: str):
-        """``params -> {name: float}`` on the test set, for ``fit``'s ``eval_fn``."""
-        model = model_kwargs(cell, config.model_options)
-        return lambda params: self.evaluate(params, test, **model)
 
     # ----------------------------------------------------------------------------------------
     # The task's own part
