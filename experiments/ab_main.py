@@ -14,6 +14,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import statistics
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench import CELLS, QUICK_GRID, interleaved_medians
+from bench import CELLS, QUICK_GRID, interleaved_medians, jax_timer
 from common import (
     POSITIVE,
     REPO_ROOT,
@@ -65,22 +66,17 @@ def candidates(old, cell, size) -> dict:
     one = jb.ScanOptions(unroll=1)
     runs = {}
     for mode in MODES:
-        old_fn = getattr(old, f"bptt_{mode}")
-        new_fn = getattr(jb, f"bptt_{mode}")
-        runs[f"old {mode}"] = lambda f=old_fn: jax.block_until_ready(
-            f(old_params, xs, ys, cell=cell, unroll=1)
-        )
-        runs[f"new {mode}"] = lambda f=new_fn: jax.block_until_ready(
-            f(params, xs, ys, cell=cell, options=one)
-        )
+        old_fn = functools.partial(getattr(old, f"bptt_{mode}"), cell=cell, unroll=1)
+        new_fn = functools.partial(getattr(jb, f"bptt_{mode}"), cell=cell, options=one)
+        runs[f"old {mode}"] = jax_timer(old_fn, (old_params, xs, ys))
+        runs[f"new {mode}"] = jax_timer(new_fn, (params, xs, ys))
         # both compute the same thing: the loss and every gradient agree to float32 rounding
         was, now = runs[f"old {mode}"](), runs[f"new {mode}"]()
         was = (was.loss, was.params["cell"], was.params["readout"], was.h0, was.xs)
         now = (now.loss, now.params["layers"][0]["fwd"], now.params["readout"], now.h0, now.xs)
-        if max_relative_error(now, was) > 1e-4:
-            raise AssertionError(
-                f"{cell} {mode}: the trees disagree ({max_relative_error(now, was)})"
-            )
+        error = max_relative_error(now, was)
+        if error > 1e-4:
+            raise AssertionError(f"{cell} {mode}: the two trees disagree (relative error {error})")
     return runs
 
 

@@ -49,7 +49,7 @@ from jax_bptt.checkpoints import (
 from jax_bptt.model import inverted_dropout_mask
 from jax_bptt.modes import bptt
 from jax_bptt.truncated import Truncation, check_mode_and_loss, check_truncation, window_grads
-from jax_bptt.validation import RESIDUALS, check_choice
+from jax_bptt.validation import check_choice, check_residual
 
 METRICS = "metrics.jsonl"
 
@@ -261,8 +261,7 @@ def make_train_step(
     for name, value in (*rates, ("weight_dropout", weight_dropout)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
             raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    check_residual(residual)
     if truncation is not None:
         truncation = check_truncation(*truncation)
     gradients = _gradient_fn(

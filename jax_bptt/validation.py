@@ -344,6 +344,12 @@ def check_dropout(name: str, value) -> None:
         raise ValueError(f"{name} must be in [0, 1) (the probability of zeroing), got {value}")
 
 
+def check_residual(residual) -> None:
+    """``residual`` one of ``RESIDUALS`` (``True``/``False`` by identity: 1 and 0 are not)."""
+    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+
+
 def check_stack_options(
     shape: ModelShape, dropout, key, residual, token_ids=False, output_dropout=0.0
 ) -> None:
@@ -366,8 +372,7 @@ def check_stack_options(
             f"dropout={dropout} needs a PRNG key for its masks: pass key=jax.random.key(...) "
             "(or dropout=0.0 to evaluate)"
         )
-    if not any(residual is choice for choice in RESIDUALS[:2]) and residual != RESIDUALS[2]:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    check_residual(residual)
     features = len(shape.directions) * shape.hidden_size
     if residual is True and token_ids:
         raise ValueError("residual=True adds layer 0's input to its output: not for token ids")
